@@ -1,0 +1,138 @@
+"""The ``lw-embed`` command line: argument parsing only; each subcommand calls one function.
+
+Exit codes: ``run`` exits with the workload's status; 2 for usage and config errors
+(nothing is started); ``decode`` 0/1/2 as documented in :mod:`lw_embed.decode`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lw_embed import __version__
+from lw_embed.config import Config, load_config, with_overrides
+from lw_embed.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lw-embed",
+        description="Userspace runtime security agent for containers without eBPF.",
+    )
+    p.add_argument("--version", action="version", version=f"lw-embed {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run CMD as PID 1 under the agent (wrapper mode)")
+    _config_args(run)
+    run.add_argument("--output", metavar="DIR", help="write CBOR batch files into DIR")
+    run.add_argument("--data-dir", metavar="DIR", help="agent state and default output")
+    run.add_argument("--pgroup", action="store_true",
+                     help="forward signals to the workload's process group")  # fmt: skip
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    dec = sub.add_parser("decode", help="print events of batch files/directories as JSON lines")
+    dec.add_argument("paths", nargs="+", metavar="PATH")
+
+    val = sub.add_parser("validate-config", help="check a config file (and LW_EMBED_* vars)")
+    val.add_argument("file", metavar="FILE")
+
+    env = sub.add_parser("env", help="what this machine allows and what the agent would use")
+    _config_args(env)
+    env.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file (or $LW_EMBED_CONFIG)")
+
+
+def _load(path: str | None, env: Mapping[str, str], overrides: Mapping[str, Any]) -> Config:
+    cfg = load_config(path or env.get("LW_EMBED_CONFIG") or None, env)
+    return with_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+
+
+def _setup_logging(level: str, who: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.WARNING),
+        format=f"lw-embed[{who}]: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = os.environ
+    try:
+        if args.command == "run":
+            return _run(args, env)
+        if args.command == "validate-config":
+            load_config(args.file, env)
+            print(f"{args.file}: ok")
+            return 0
+        if args.command == "decode":
+            from lw_embed import decode
+
+            return decode.main(args.paths, sys.stdout, sys.stderr)
+        if args.command == "env":
+            return _env(args, env)
+    except ConfigError as exc:
+        print(f"lw-embed: config error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("lw-embed run: missing command (lw-embed run [OPTIONS] -- CMD [ARG...])",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    cfg = _load(args.config, env, {
+        "output.dir": args.output,
+        "agent.data_dir": args.data_dir,
+        "signals.pgroup": True if args.pgroup else None,
+    })  # fmt: skip
+    _setup_logging(cfg.agent.log_level, "core")
+    from lw_embed.runtime import init
+
+    faults = frozenset(f for f in env.get("_LW_EMBED_FAULTS", "").split(",") if f)
+    return init.run(init.RunOptions(argv=tuple(cmd), config=cfg, faults=faults), env)
+
+
+def _env(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from lw_embed.platform import detect, probe
+    from lw_embed.sources.tracer import TracerOptions, seccomp_rules
+
+    cfg = _load(args.config, env, {})
+    plat = detect.detect(env)
+    t = cfg.tracer
+    rules = seccomp_rules(TracerOptions(t.argv_max_bytes, t.argv_max_args, t.trace_connect))
+    caps = probe.probe(t.mode, t.seccomp, t.no_new_privs, want_seccomp=bool(rules))
+    report = {
+        "platform": plat.name,
+        "shutdown_grace": detect.shutdown_grace(cfg.shutdown.grace, plat),
+        "pid": os.getpid(),
+        "version": __version__,
+        **caps.report(),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    print(f"lw-embed {__version__} on {plat.name} (pid {os.getpid()}); "
+          f"shutdown grace {report['shutdown_grace']:.0f}s")  # fmt: skip
+    print("\nprobes:")
+    for name, p in report["probes"].items():
+        print(f"  {name:<18} {'yes' if p['ok'] else 'no ':<4} {p['detail']}")
+    print("\ntechniques:")
+    for src, tech in report["techniques"].items():
+        print(f"  {src:<18} {tech:<16} {report['reasons'].get(src, '')}")
+    for eff in report["effects"]:
+        print(f"\nnote: {eff}")
+    return 0

@@ -1,0 +1,451 @@
+"""The core: PID-1 duties and the tracer loop of ``lw-embed run -- CMD``.
+
+Interface: every catchable signal is blocked and taken with ``sigtimedwait(2)``; children
+and tracees are reported by ``waitpid(-1, WNOHANG | __WALL)`` on each SIGCHLD (one thread
+owns both, so there is no polling floor); ``prctl(PR_SET_CHILD_SUBREAPER)`` when not PID
+1; ``setpgid``/``tcsetpgrp`` to hand a terminal to the workload; ``PTRACE_SEIZE`` of the
+workload before it execs; records to the worker through :class:`Outbox`.
+
+Capability: none for the init duties; ptrace and seccomp as the probes allow (see
+:mod:`lw_embed.platform.probe`). Without them the workload runs untraced and processes
+are observed through /proc by the worker.
+
+Cost: idle, the core sleeps in ``sigtimedwait`` (it wakes at most once a second for
+housekeeping). Per tracee stop see :mod:`lw_embed.sources.tracer`.
+
+Failure modes: the workload is never failed by the agent: a failed probe degrades the
+technique, a failed SEIZE starts the workload untraced, a crashed worker is restarted
+with backoff while records wait in a bounded buffer (drops counted), and an exception
+in the loop is counted and the loop goes on. Exit status: the workload's code, 128+N if
+it died of signal N, 127/126 if CMD is missing / not executable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from lw_embed import __version__
+from lw_embed.config import Config, config_to_dict
+from lw_embed.kernel import procfs, seccomp
+from lw_embed.kernel import ptrace as pt
+from lw_embed.platform import detect, probe
+from lw_embed.records import R, frame
+from lw_embed.runtime.outbox import Outbox
+from lw_embed.sources.tracer import Tracer, TracerOptions, ptrace_options, seccomp_rules
+
+log = logging.getLogger("lw_embed.core")
+
+PR_SET_CHILD_SUBREAPER = 36
+#: glibc keeps 32 and 33 for itself; everything else that can be caught is ours to pass on
+CATCHABLE = frozenset(
+    s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)
+)
+FORWARDED = CATCHABLE - {signal.SIGCHLD}
+STATUS_EVERY = 10.0
+TREE_CHECK_EVERY = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    argv: tuple[str, ...]
+    config: Config
+    faults: frozenset[str] = frozenset()
+
+
+def exit_code(status: int) -> int:
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return 255
+
+
+def _inherited_ignored(env: Mapping[str, str]) -> set[int]:
+    """Signals ignored when we were started, as far as we can know.
+
+    Python itself ignores SIGPIPE and SIGXFSZ at start-up, so their original state is
+    lost unless the shell entrypoint (entrypoints/lw-embed) recorded SigIgn for us.
+    Every other ignored disposition is still in place and is inherited as it is.
+    """
+    raw = env.get("_LW_EMBED_SIGIGN", "")
+    try:
+        mask = int(raw, 16)
+    except ValueError:
+        return set()
+    return {s for s in range(1, 65) if mask >> (s - 1) & 1}
+
+
+def _exec_workload(argv: Sequence[str], env: dict[str, str], sync_r: int, nnp: bool,
+                   prog: list[seccomp.Insn] | None, orig_mask: set[int],
+                   ignored: set[int], tty: int | None) -> None:  # fmt: skip
+    """In the forked child: wait for the tracer, filter, restore signals, exec."""
+    try:
+        os.setpgid(0, 0)
+        if tty is not None:
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(tty, os.getpgrp())  # SIGTTOU is blocked here
+        mode = os.read(sync_r, 1)
+        os.close(sync_r)
+        if mode == b"F" and prog is not None:
+            try:
+                if nnp:
+                    seccomp.set_no_new_privs()
+                seccomp.install(prog)
+            except OSError:
+                pass  # probed fine but refused now: run unfiltered rather than not at all
+        for s in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(s, signal.SIG_IGN if s in ignored else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, orig_mask)
+        os.execvpe(argv[0], list(argv), env)
+    except FileNotFoundError:
+        os.write(2, f"lw-embed: {argv[0]}: command not found\n".encode(errors="replace"))
+        os._exit(127)
+    except PermissionError:
+        os.write(2, f"lw-embed: {argv[0]}: permission denied\n".encode(errors="replace"))
+        os._exit(126)
+    except BaseException as exc:
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        os.write(2, f"lw-embed: {argv[0]}: {msg}\n".encode(errors="replace"))
+        os._exit(126)
+    os._exit(126)
+
+
+class Core:
+    """PID 1: one loop over signals and wait reports."""
+
+    def __init__(self, opts: RunOptions, env: Mapping[str, str]) -> None:
+        self.opts = opts
+        self.cfg = opts.config
+        self.env = dict(env)
+        plat = detect.detect(env)
+        self.grace = detect.shutdown_grace(self.cfg.shutdown.grace, plat)
+        self.flush_budget = min(self.cfg.shutdown.flush, self.grace / 2)
+        self.platform = plat
+        self.instance_id = self.cfg.agent.instance_id or os.urandom(8).hex()
+        self.main_pid = 0
+        self.main_status: int | None = None
+        self.worker_pid = 0
+        self.worker_started = 0.0
+        self.worker_restart_at: float | None = None
+        self.worker_backoff = self.cfg.worker.restart_backoff_min
+        self.worker_restarts = 0
+        self.deadline: float | None = None  # when what is left of the tree gets SIGKILL
+        self.draining = False
+        self.tracer: Tracer | None = None
+        self.errors: dict[str, int] = {}
+        self.recent_traced_exits: dict[int, float] = {}
+        self._last_loss: dict[str, int] = {}
+        self._next_status = 0.0
+        self._next_tree_check = 0.0
+
+    # -- start ------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        orig_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CATCHABLE)
+        if os.getpid() != 1:
+            with contextlib.suppress(OSError):
+                seccomp.prctl(PR_SET_CHILD_SUBREAPER, 1)
+        topts = TracerOptions(
+            argv_max_bytes=cfg.tracer.argv_max_bytes,
+            argv_max_args=cfg.tracer.argv_max_args,
+            trace_connect=cfg.tracer.trace_connect,
+            faults=self.opts.faults,
+        )
+        rules = seccomp_rules(topts)
+        caps = probe.probe(cfg.tracer.mode, cfg.tracer.seccomp, cfg.tracer.no_new_privs,
+                           want_seccomp=bool(rules))  # fmt: skip
+        technique = caps.techniques["processes"]
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.pipe_r = r
+        self.outbox = Outbox(w, cfg.tracer.buffer_bytes)
+        self._start_worker()
+
+        use_ptrace = technique != "procfs"
+        use_filter = technique == "ptrace+seccomp"
+        nnp = use_filter and not caps.ok("cap_sys_admin") and not caps.ok("no_new_privs_set")
+        prog = seccomp.build_trace_filter(rules) if use_filter else None
+        tty = None
+        with contextlib.suppress(OSError):
+            if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+                tty = 0
+        child_env = dict(self.env)
+        child_env.pop("_LW_EMBED_SIGIGN", None)
+        ignored = _inherited_ignored(self.env)
+        sync_r, sync_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(sync_w)
+            _exec_workload(self.opts.argv, child_env, sync_r, nnp, prog, orig_mask, ignored, tty)
+        os.close(sync_r)
+        self.main_pid = pid
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
+        if use_ptrace:
+            try:
+                pt.seize(pid, ptrace_options(use_filter))
+                self.tracer = Tracer(self.outbox.put, topts)
+                self.tracer.add_root(pid)
+            except OSError as exc:
+                use_filter = False
+                technique = "procfs"
+                caps.techniques.update({"processes": "procfs", "network.connect": "none"})
+                caps.reasons["processes"] = f"PTRACE_SEIZE of the workload failed: {exc}"
+        os.write(sync_w, b"F" if use_filter else b"N")
+        os.close(sync_w)
+        now = time.time_ns()
+        self.outbox.put(frame(R.CAPS, now, caps.report()))
+        self.outbox.put(frame(R.WORKLOAD, now, pid, list(self.opts.argv)))
+        self._next_status = time.monotonic() + STATUS_EVERY
+        try:
+            return self._loop()
+        finally:
+            self._finish()
+
+    def _start_worker(self) -> None:
+        payload = {
+            "config": config_to_dict(self.cfg),
+            "core_pid": os.getpid(),
+            "instance_id": self.instance_id,
+            "mode": "wrapper",
+            "scope": self._scope(),
+            "version": __version__,
+        }
+        env = {k: v for k, v in self.env.items() if not k.startswith("_LW_EMBED_")}
+        env["_LW_EMBED_WORKER"] = json.dumps(payload)
+        rfd = self.pipe_r
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_DUP2, rfd, 3),
+        ]
+        try:
+            self.worker_pid = os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-m", "lw_embed.runtime.worker"],
+                env,
+                file_actions=actions,
+                setsigmask=(),
+                setsigdef=CATCHABLE,
+            )
+            self.worker_started = time.monotonic()
+        except OSError as exc:
+            log.warning("cannot start the worker: %s", exc)
+            self.worker_pid = 0
+            self._schedule_worker_restart()
+
+    def _scope(self) -> str:
+        scope = self.cfg.processes.scope
+        if scope == "auto":
+            return "namespace" if os.getpid() == 1 else "tree"
+        return scope
+
+    def _schedule_worker_restart(self) -> None:
+        now = time.monotonic()
+        if now - self.worker_started > 10.0:
+            self.worker_backoff = self.cfg.worker.restart_backoff_min
+        self.worker_restart_at = now + self.worker_backoff
+        self.worker_backoff = min(self.worker_backoff * 2, self.cfg.worker.restart_backoff_max)
+
+    # -- the loop -----------------------------------------------------------------------
+    def _loop(self) -> int:
+        while True:
+            try:
+                self._reap()
+                if self._step():
+                    break
+            except Exception:
+                self.errors["core.loop_error"] = self.errors.get("core.loop_error", 0) + 1
+                log.exception("core loop error (continuing)")
+            info = signal.sigtimedwait(CATCHABLE, self._timeout())
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                self._on_signal(info.si_signo)
+        assert self.main_status is not None
+        return exit_code(self.main_status)
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        t = [self._next_status - now, 1.0]
+        if self.outbox.pending:
+            t.append(0.02)
+        if self.worker_restart_at is not None:
+            t.append(self.worker_restart_at - now)
+        if self.deadline is not None:
+            t.append(self.deadline - now)
+        if self.draining:
+            t.append(TREE_CHECK_EVERY)
+        return max(0.0, min(t))
+
+    def _reap(self) -> None:
+        tracer = self.tracer
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG | pt.WALL)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if os.WIFSTOPPED(status):
+                if tracer is not None:
+                    tracer.on_stop(pid, status)
+                continue
+            if tracer is not None and tracer.on_exit(pid, status):
+                self.recent_traced_exits[pid] = time.monotonic()
+            elif pid == self.worker_pid:
+                self.worker_pid = 0
+                if not self.draining:
+                    log.warning("worker exited (status %d); restarting", status)
+                self.worker_restarts += 1
+                self._schedule_worker_restart()
+                continue
+            elif self.recent_traced_exits.pop(pid, None) is None:
+                # an untraced child of ours (procfs mode, or an adopted orphan)
+                code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+                sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+                self.outbox.put(frame(R.EXIT, time.time_ns(), pid, code, sig, False))
+            if pid == self.main_pid:
+                self.main_status = status
+                self._begin_drain()
+
+    def _on_signal(self, sig: int) -> None:
+        if sig not in FORWARDED:
+            return
+        if self.main_status is None:
+            target = -self.main_pid if self.cfg.signals.pgroup else self.main_pid
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(target, sig)
+        else:
+            self._signal_tree(sig)
+        if sig == signal.SIGTERM and self.deadline is None:
+            self.deadline = time.monotonic() + max(0.0, self.grace - self.flush_budget)
+
+    def _begin_drain(self) -> None:
+        """The main child is gone: give the rest of the tree SIGTERM and its grace."""
+        self.draining = True
+        if self.deadline is None:
+            self.deadline = time.monotonic() + max(0.0, self.grace - self.flush_budget)
+        self._signal_tree(signal.SIGTERM)
+
+    def _step(self) -> bool:
+        """Housekeeping after each wake; True when the core should stop."""
+        now = time.monotonic()
+        restart = self.worker_restart_at
+        if self.worker_pid == 0 and restart is not None and now >= restart:
+            self.worker_restart_at = None
+            self._start_worker()
+        if now >= self._next_status:
+            self._next_status = now + STATUS_EVERY
+            self._send_status()
+        self._send_loss()
+        self.outbox.flush()
+        if self.deadline is not None and now >= self.deadline:
+            self._signal_tree(signal.SIGKILL)
+            if not self.draining:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.main_pid, signal.SIGKILL)
+            self.deadline = now + 1.0  # SIGKILL again if anything is still there
+        if not self.draining:
+            return False
+        if now < self._next_tree_check:
+            return False
+        self._next_tree_check = now + TREE_CHECK_EVERY
+        return not self._tree()
+
+    # -- the tree -----------------------------------------------------------------------
+    def _tree(self) -> list[int]:
+        """Live (non-zombie) descendants of the core, the worker's subtree excluded."""
+        me = os.getpid()
+        children: dict[int, list[int]] = {}
+        for pid in procfs.list_pids():
+            try:
+                st = procfs.read_stat(pid)
+            except OSError:
+                continue
+            if st.state != "Z":
+                children.setdefault(st.ppid, []).append(pid)
+        out: list[int] = []
+        todo = [p for p in children.get(me, []) if p != self.worker_pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo.extend(children.get(p, ()))
+        return out
+
+    def _signal_tree(self, sig: int) -> None:
+        for pid in self._tree():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    # -- records --------------------------------------------------------------------------
+    def _loss_totals(self) -> dict[str, int]:
+        totals = dict(self.errors)
+        if self.outbox.drops:
+            totals["core.buffer_full"] = self.outbox.drops
+        if self.tracer is not None:
+            totals.update(self.tracer.errors)
+        return totals
+
+    def _send_loss(self) -> None:
+        totals = self._loss_totals()
+        if totals != self._last_loss:
+            self._last_loss = totals
+            self.outbox.put(frame(R.LOSS, time.time_ns(), totals))
+
+    def _send_status(self) -> None:
+        m: dict[str, int | float] = {
+            "buffer_bytes": self.outbox.pending,
+            "records_bytes_written": self.outbox.written,
+            "worker_restarts": self.worker_restarts,
+        }
+        if self.tracer is not None:
+            m.update(self.tracer.metrics())
+            self.recent_traced_exits = {
+                p: t for p, t in self.recent_traced_exits.items() if time.monotonic() - t < 30
+            }
+        self.outbox.put(frame(R.STATUS, time.time_ns(), m))
+
+    # -- the end --------------------------------------------------------------------------
+    def _finish(self) -> None:
+        """Hand the worker what is buffered, let it flush, and never wait past the budget."""
+        end = time.monotonic() + max(self.flush_budget, 0.2)
+        self._send_status()
+        self._send_loss()
+        self.outbox.put(frame(R.SHUTDOWN, time.time_ns(), "workload exited"))
+        if self.worker_pid == 0:
+            self._start_worker()
+        while not self.outbox.flush() and time.monotonic() < end and self.worker_pid:
+            self._wait_worker(0.01)
+        self.outbox.close()
+        while self.worker_pid and time.monotonic() < end:
+            self._wait_worker(min(0.05, max(0.0, end - time.monotonic())))
+        if self.worker_pid:
+            log.warning("worker did not finish within %.1fs; killing it", self.flush_budget)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.worker_pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.worker_pid, 0)
+        os.close(self.pipe_r)
+
+    def _wait_worker(self, timeout: float) -> None:
+        signal.sigtimedwait({signal.SIGCHLD}, timeout)
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG | pt.WALL)
+            except ChildProcessError:
+                self.worker_pid = 0
+                return
+            if pid == 0:
+                return
+            if pid == self.worker_pid:
+                self.worker_pid = 0
+
+
+def run(opts: RunOptions, env: Mapping[str, str] | None = None) -> int:
+    return Core(opts, os.environ if env is None else env).run()
