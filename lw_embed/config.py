@@ -28,10 +28,26 @@ from typing import Any, get_args, get_origin, get_type_hints
 from lw_embed.errors import ConfigError
 
 __all__ = [
-    "ENV_PREFIX", "RESERVED_ENV", "AgentConfig", "Config", "OutputConfig", "ProcessesConfig",
-    "ShutdownConfig", "SignalsConfig", "TracerConfig", "WorkerConfig", "config_from_dict",
-    "config_to_dict", "default_data_dir", "load_config", "resolved_data_dir",
-    "resolved_output_dir", "with_overrides",
+    "ENV_PREFIX",
+    "RESERVED_ENV",
+    "AgentConfig",
+    "BackendConfig",
+    "Config",
+    "OutputConfig",
+    "ProcessesConfig",
+    "ShutdownConfig",
+    "SignalsConfig",
+    "SpoolConfig",
+    "TracerConfig",
+    "WorkerConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "default_data_dir",
+    "load_config",
+    "resolved_data_dir",
+    "resolved_output_dir",
+    "resolved_spool_dir",
+    "with_overrides",
 ]  # fmt: skip
 
 ENV_PREFIX = "LW_EMBED_"
@@ -109,6 +125,28 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendConfig:
+    url: str = ""  # "" = no backend: batches go to output.dir as files
+    token: str = ""  # prefer token_file or $LW_EMBED_TOKEN
+    token_file: str = ""
+    ca_file: str = ""  # extra CA bundle (PEM) for a private backend
+    verify_tls: bool = True
+    connect_timeout: float = field(default=3.0, metadata=_range(0.1, 120))
+    request_timeout: float = field(default=15.0, metadata=_range(0.5, 600))
+    backoff_initial: float = field(default=0.5, metadata=_range(0.01, 60))
+    backoff_max: float = field(default=30.0, metadata=_range(0.1, 3600))
+    compression_quality: int = field(default=5, metadata=_range(0, 11))
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    dir: str = ""  # "" = <data_dir>/spool
+    max_bytes: int = field(default=268435456, metadata=_range(1 << 20, 1 << 36))
+    segment_bytes: int = field(default=4194304, metadata=_range(65536, 1 << 30))
+    sync_interval: float = field(default=0.1, metadata=_range(0.001, 0.1))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -117,6 +155,8 @@ class Config:
     signals: SignalsConfig = field(default_factory=SignalsConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
 
 
 # --- the table-driven machinery (generic over the root dataclass, so tests can use others) ---
@@ -347,6 +387,11 @@ def default_data_dir(uid: int, env: Mapping[str, str]) -> str:
 def resolved_data_dir(cfg: Config, uid: int, env: Mapping[str, str]) -> str:
     """``agent.data_dir``, or :func:`default_data_dir` when it is empty."""
     return cfg.agent.data_dir or default_data_dir(uid, env)
+
+
+def resolved_spool_dir(cfg: Config, uid: int, env: Mapping[str, str]) -> str:
+    """``spool.dir``, or ``<data_dir>/spool`` when it is empty."""
+    return cfg.spool.dir or os.path.join(resolved_data_dir(cfg, uid, env), "spool")
 
 
 def resolved_output_dir(cfg: Config, uid: int, env: Mapping[str, str]) -> str:

@@ -68,6 +68,24 @@ flush = 0
 [worker]
 restart_backoff_min = 1.0
 restart_backoff_max = 1.0
+
+[backend]
+url = "https://ingest.example:8443"
+token = ""
+token_file = "/run/secrets/lw-token"
+ca_file = "/etc/lw/ca.pem"
+verify_tls = false
+connect_timeout = 1.5
+request_timeout = 20
+backoff_initial = 0.25
+backoff_max = 60
+compression_quality = 4
+
+[spool]
+dir = "/srv/spool"
+max_bytes = 1048576
+segment_bytes = 65536
+sync_interval = 0.05
 """
 
 FULL_DICT: dict[str, dict[str, Any]] = {
@@ -91,6 +109,20 @@ FULL_DICT: dict[str, dict[str, Any]] = {
     "signals": {"pgroup": True},
     "shutdown": {"grace": 25.0, "flush": 0.0},
     "worker": {"restart_backoff_min": 1.0, "restart_backoff_max": 1.0},
+    "backend": {
+        "url": "https://ingest.example:8443",
+        "token": "",
+        "token_file": "/run/secrets/lw-token",
+        "ca_file": "/etc/lw/ca.pem",
+        "verify_tls": False,
+        "connect_timeout": 1.5,
+        "request_timeout": 20.0,
+        "backoff_initial": 0.25,
+        "backoff_max": 60.0,
+        "compression_quality": 4,
+    },
+    "spool": {"dir": "/srv/spool", "max_bytes": 1048576, "segment_bytes": 65536,
+              "sync_interval": 0.05},
 }
 
 
