@@ -13,9 +13,14 @@ import pytest
 
 from lw_embed import config as config_mod
 from lw_embed.config import (
+    DEFAULT_AGGREGATE_KEYS,
     RESERVED_ENV,
     AgentConfig,
+    AggregateConfig,
     Config,
+    FilterConfig,
+    FilterRule,
+    FrozenMap,
     OutputConfig,
     ProcessesConfig,
     ShutdownConfig,
@@ -26,6 +31,7 @@ from lw_embed.config import (
     config_to_dict,
     default_data_dir,
     load_config,
+    resolve_uid,
     resolved_data_dir,
     resolved_output_dir,
     with_overrides,
@@ -86,6 +92,35 @@ dir = "/srv/spool"
 max_bytes = 1048576
 segment_bytes = 65536
 sync_interval = 0.05
+
+[filter]
+default = "exclude"
+
+[[filter.rules]]
+name = "ignore-healthcheck"
+action = "exclude"
+kinds = ["process.exec", "net.*"]
+process_name = ["curl", "wget*"]
+exe = ["/usr/bin/*"]
+ancestor_exe = ["*/cron"]
+ancestor_name = ["sshd"]
+cmdline = "--health(check)?"
+user = ["root", "1000"]
+container = ["abc123*"]
+alert = true
+
+[[filter.rules]]
+name = "shells"
+action = "tag"
+process_name = ["sh", "bash"]
+
+[aggregate]
+window = 2.5
+max_groups = 100
+
+[aggregate.keys]
+"process.exec" = ["exe", "argv"]
+"net.connect" = []
 """
 
 FULL_DICT: dict[str, dict[str, Any]] = {
@@ -123,6 +158,30 @@ FULL_DICT: dict[str, dict[str, Any]] = {
     },
     "spool": {"dir": "/srv/spool", "max_bytes": 1048576, "segment_bytes": 65536,
               "sync_interval": 0.05},
+    "filter": {
+        "default": "exclude",
+        "rules": [
+            {
+                "name": "ignore-healthcheck",
+                "action": "exclude",
+                "kinds": ["process.exec", "net.*"],
+                "process_name": ["curl", "wget*"],
+                "exe": ["/usr/bin/*"],
+                "ancestor_exe": ["*/cron"],
+                "ancestor_name": ["sshd"],
+                "cmdline": "--health(check)?",
+                "user": ["root", "1000"],
+                "container": ["abc123*"],
+                "alert": True,
+            },
+            {"name": "shells", "action": "tag", "process_name": ["sh", "bash"], "alert": False},
+        ],
+    },
+    "aggregate": {
+        "window": 2.5,
+        "max_groups": 100,
+        "keys": {"process.exec": ["exe", "argv"], "net.connect": []},
+    },
 }
 
 
@@ -535,7 +594,8 @@ def test_with_overrides_validates(overrides: dict[str, Any], key: str, message: 
     "obj",
     [
         Config(), AgentConfig(), OutputConfig(), TracerConfig(), ProcessesConfig(),
-        SignalsConfig(), ShutdownConfig(), WorkerConfig(),
+        SignalsConfig(), ShutdownConfig(), WorkerConfig(), FilterConfig(), AggregateConfig(),
+        FilterRule(name="r", action="tag", exe=("/bin/*",)),
     ],
 )  # fmt: skip
 def test_dataclasses_are_frozen_and_slotted(obj: Any) -> None:
@@ -645,7 +705,269 @@ def test_every_config_key_is_reachable_by_env() -> None:
     """Each key of Config can be set through its LW_EMBED_ variable (the table is complete)."""
     for section, keys in config_to_dict(Config()).items():
         for key, default in keys.items():
+            if (section, key) in NOT_FROM_ENV:
+                continue  # tables and arrays of tables: see test_nested_keys_not_from_env
             var = f"LW_EMBED_{section}_{key}".upper()
             raw = str(default).lower() if isinstance(default, bool) else str(default)
             cfg = load_config(None, {var: raw})
             assert getattr(getattr(cfg, section), key) == default, var
+
+
+# --- [filter] and [aggregate]: arrays of tables and tables of lists ---
+
+NOT_FROM_ENV = {("filter", "rules"), ("aggregate", "keys")}
+
+RULE = '[[filter.rules]]\nname = "r"\naction = "tag"\nexe = ["/bin/*"]\n'
+
+
+def rules_toml(*bodies: str) -> str:
+    return "".join(f"[[filter.rules]]\n{body}\n" for body in bodies)
+
+
+def test_filter_and_aggregate_defaults() -> None:
+    cfg = Config()
+    assert cfg.filter == FilterConfig(default="include", rules=())
+    assert cfg.aggregate.window == 10.0
+    assert cfg.aggregate.max_groups == 10000
+    assert dict(cfg.aggregate.keys) == {
+        "process.exec": ("exe", "argv", "parent_exe"),
+        "process.exit": ("exe", "exit_code", "signal"),
+        "net.connect": ("exe", "family", "address", "port"),
+    }
+    assert cfg.aggregate.keys == DEFAULT_AGGREGATE_KEYS
+    assert config_to_dict(cfg)["filter"] == {"default": "include", "rules": []}
+    assert config_to_dict(cfg)["aggregate"]["keys"]["process.exit"] == [
+        "exe", "exit_code", "signal",
+    ]  # fmt: skip
+
+
+def test_filter_rules_load_as_frozen_rules(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, FULL_TOML)
+    first, second = cfg.filter.rules
+    assert first == FilterRule(
+        name="ignore-healthcheck", action="exclude", kinds=("process.exec", "net.*"),
+        process_name=("curl", "wget*"), exe=("/usr/bin/*",), ancestor_exe=("*/cron",),
+        ancestor_name=("sshd",), cmdline="--health(check)?", user=("root", "1000"),
+        container=("abc123*",), alert=True,
+    )  # fmt: skip
+    assert second == FilterRule(name="shells", action="tag", process_name=("sh", "bash"))
+    assert second.exe is None and second.cmdline is None and second.alert is False
+    assert cfg.filter.default == "exclude"
+    hash(cfg)  # the whole config stays hashable
+
+
+def test_optional_conditions_are_absent_from_the_dict_not_null() -> None:
+    cfg = config_from_dict(tomllib.loads(RULE))
+    assert config_to_dict(cfg)["filter"]["rules"] == [
+        {"name": "r", "action": "tag", "exe": ["/bin/*"], "alert": False}
+    ]
+    # an explicit null (JSON) is the same as absent
+    data = {"filter": {"rules": [{"name": "r", "action": "tag", "exe": ["x"], "user": None}]}}
+    assert config_from_dict(data).filter.rules[0].user is None
+
+
+def test_aggregate_keys_replace_the_whole_map(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[aggregate.keys]\n"net.connect" = ["address"]\n')
+    assert dict(cfg.aggregate.keys) == {"net.connect": ("address",)}
+    assert cfg.aggregate.window == 10.0
+    empty = load_text(tmp_path, "[aggregate.keys]\n")
+    assert dict(empty.aggregate.keys) == {}
+    assert config_from_dict(config_to_dict(empty)) == empty
+
+
+def test_aggregate_keys_is_read_only_and_hashable() -> None:
+    keys = Config().aggregate.keys
+    assert isinstance(keys, FrozenMap)
+    with pytest.raises(TypeError):
+        keys["x"] = ()  # type: ignore[index]
+    assert keys == dict(keys)
+    assert hash(keys) == hash(FrozenMap(dict(keys)))
+    assert hash(AggregateConfig()) == hash(AggregateConfig())
+
+
+BAD_NESTED = [
+    (RULE + RULE.replace('"r"', '"s"') + '[[filter.rules]]\nname = "t"\nacton = "tag"\n',
+     "filter.rules[2].acton", "unknown key"),
+    (rules_toml('name = "r"\naction = "drop"\nexe = ["x"]'), "filter.rules[0].action",
+     "expected one of include, exclude, tag, got 'drop'"),
+    (rules_toml('name = ""\naction = "tag"\nexe = ["x"]'), "filter.rules[0].name",
+     "must not be empty"),
+    (rules_toml('name = 1\naction = "tag"\nexe = ["x"]'), "filter.rules[0].name",
+     "expected a string, got int 1"),
+    (rules_toml('action = "tag"\nexe = ["x"]'), "filter.rules[0].name", "missing required key"),
+    (rules_toml('name = "r"\nexe = ["x"]'), "filter.rules[0].action", "missing required key"),
+    (RULE + RULE.replace('"/bin/*"', '"/usr/*"'), "filter.rules[1].name",
+     "duplicate rule name 'r' (also filter.rules[0])"),
+    (rules_toml('name = "r"\naction = "tag"'), "filter.rules[0]",
+     "a rule needs at least one condition"),
+    (rules_toml('name = "r"\naction = "tag"\nalert = true'), "filter.rules[0]",
+     "a rule needs at least one condition"),
+    (RULE + rules_toml('name = "s"\naction = "tag"\ncmdline = "--x("'), "filter.rules[1].cmdline",
+     "invalid regular expression '--x('"),
+    (rules_toml('name = "r"\naction = "tag"\nuser = ["root", "no-such-user-xyz"]'),
+     "filter.rules[0].user", "unknown user 'no-such-user-xyz'"),
+    (rules_toml('name = "r"\naction = "tag"\nuser = [0]'), "filter.rules[0].user",
+     "expected a list of strings, got list [0]"),
+    (rules_toml('name = "r"\naction = "tag"\nkinds = "process.exec"'), "filter.rules[0].kinds",
+     "expected a list of strings, got str 'process.exec'"),
+    (rules_toml('name = "r"\naction = "tag"\nkinds = ["net*"]'), "filter.rules[0].kinds",
+     "expected exact kinds or 'prefix.*', got 'net*'"),
+    (rules_toml('name = "r"\naction = "tag"\nexe = []'), "filter.rules[0].exe",
+     "must not be empty"),
+    (rules_toml('name = "r"\naction = "tag"\ncmdline = ""'), "filter.rules[0].cmdline",
+     "must not be empty"),
+    (rules_toml('name = "r"\naction = "tag"\nexe = ["x"]\nalert = "yes"'), "filter.rules[0].alert",
+     "expected a boolean, got str 'yes'"),
+    ("[filter]\nrules = 3\n", "filter.rules", "expected an array of tables, got int 3"),
+    ("[filter]\nrules = [1]\n", "filter.rules[0]", "expected a table, got int 1"),
+    ('[filter]\ndefault = "tag"\n', "filter.default", "expected one of include, exclude"),
+    ("[filter]\nbogus = 1\n", "filter.bogus", "unknown key"),
+    ("[aggregate]\nwindow = 0.05\n", "aggregate.window", "expected 0.1..3600, got 0.05"),
+    ("[aggregate]\nmax_groups = 0\n", "aggregate.max_groups", "expected 1..1000000, got 0"),
+    ("[aggregate]\nkeys = 1\n", "aggregate.keys",
+     "expected a table of lists of strings, got int 1"),
+    ('[aggregate.keys]\n"process.exec" = "exe"\n', 'aggregate.keys."process.exec"',
+     "expected a list of strings, got str 'exe'"),
+    ("[aggregate.keys]\nexec = [1]\n", "aggregate.keys.exec", "expected a list of strings"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "key", "message"), BAD_NESTED)
+def test_bad_nested_input_names_the_dotted_key(
+    tmp_path: Path, text: str, key: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    assert info.value.key == key
+    assert message in info.value.message
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(tomllib.loads(text))
+    assert info.value.key == key
+    assert message in info.value.message
+
+
+@pytest.mark.parametrize(("var", "key"), [
+    ("LW_EMBED_FILTER_RULES", "filter.rules"),
+    ("LW_EMBED_AGGREGATE_KEYS", "aggregate.keys"),
+])  # fmt: skip
+def test_nested_keys_not_from_env(var: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {var: "[]"})
+    assert info.value.key == key
+    assert info.value.message.startswith(f"{var}: not settable from the environment")
+
+
+def test_scalar_filter_and_aggregate_keys_from_env(tmp_path: Path) -> None:
+    env = {
+        "LW_EMBED_FILTER_DEFAULT": "exclude",
+        "LW_EMBED_AGGREGATE_WINDOW": "0.5",
+        "LW_EMBED_AGGREGATE_MAX_GROUPS": "7",
+    }
+    cfg = load_text(tmp_path, RULE, env)
+    assert (cfg.filter.default, cfg.aggregate.window, cfg.aggregate.max_groups) == (
+        "exclude", 0.5, 7,
+    )  # fmt: skip
+    assert cfg.filter.rules[0].name == "r"  # the file's rules stay
+
+
+def test_with_overrides_sets_nested_values() -> None:
+    cfg = with_overrides(Config(), {
+        "filter.rules": [{"name": "a", "action": "exclude", "kinds": ["net.*"]}],
+        "aggregate.keys": {"process.exec": ["exe"]},
+    })  # fmt: skip
+    assert cfg.filter.rules == (FilterRule(name="a", action="exclude", kinds=("net.*",)),)
+    assert dict(cfg.aggregate.keys) == {"process.exec": ("exe",)}
+    with pytest.raises(ConfigError) as info:
+        with_overrides(Config(), {"filter.rules": [{"name": "a", "action": "tag"}]})
+    assert info.value.key == "filter.rules[0]"
+
+
+def test_rule_without_condition_fails_on_direct_construction() -> None:
+    with pytest.raises(ConfigError) as info:
+        FilterRule(name="r", action="tag")
+    assert info.value.key == ""  # relative to the rule; the loader prefixes filter.rules[N]
+    with pytest.raises(ConfigError) as info:
+        FilterConfig(rules=(FilterRule("a", "tag", exe=("x",)),) * 2)
+    assert info.value.key == "filter.rules[1].name"
+
+
+def test_resolve_uid() -> None:
+    assert resolve_uid("0") == 0
+    assert resolve_uid("1000") == 1000
+    assert resolve_uid("root") == 0
+    assert resolve_uid("no-such-user-xyz") is None
+    assert resolve_uid("bad\x00name") is None
+
+
+# --- the machinery: nested tables, via a private root dataclass ---
+
+
+@dataclass(frozen=True, slots=True)
+class _Leaf:
+    x: int = field(metadata={"range": (0, 9)})
+    tag: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tag == "bad":
+            raise ConfigError("tag", "must not be 'bad'")
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    name: str
+    leaves: tuple[_Leaf, ...] = ()
+    opt: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _NestSection:
+    items: tuple[_Item, ...] = ()
+    plain_map: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _NestRoot:
+    nest: _NestSection = field(default_factory=_NestSection)
+
+
+def test_nested_tables_round_trip() -> None:
+    data = {"nest": {
+        "items": [{"name": "a", "leaves": [{"x": 1}, {"x": 2, "tag": "t"}]}, {"name": "b"}],
+        "plain_map": {"k": ["v", "w"]},
+    }}  # fmt: skip
+    obj = config_mod._from_dict(_NestRoot, data)
+    assert obj.nest.items == (
+        _Item("a", (_Leaf(1), _Leaf(2, "t"))),
+        _Item("b"),
+    )
+    assert obj.nest.plain_map == {"k": ("v", "w")}
+    assert type(obj.nest.plain_map) is dict  # a dict-typed field stays a dict
+    dumped = config_mod._to_dict(obj)
+    assert dumped == {"nest": {
+        "items": [{"name": "a", "leaves": [{"x": 1}, {"x": 2, "tag": "t"}]},
+                  {"name": "b", "leaves": []}],
+        "plain_map": {"k": ["v", "w"]},
+    }}  # fmt: skip
+    assert config_mod._from_dict(_NestRoot, json.loads(json.dumps(dumped))) == obj
+
+
+@pytest.mark.parametrize(
+    ("items", "key", "message"),
+    [
+        ([{"name": "a"}, {"name": "b", "leaves": [{"x": 1}, {"x": 10}]}],
+         "nest.items[1].leaves[1].x", "expected 0..9, got 10"),
+        ([{"name": "a", "leaves": [{"y": 1}]}], "nest.items[0].leaves[0].y", "unknown key"),
+        ([{"name": "a", "leaves": [{}]}], "nest.items[0].leaves[0].x", "missing required key"),
+        ([{"name": "a", "leaves": [{"x": 1, "tag": "bad"}]}], "nest.items[0].leaves[0].tag",
+         "must not be 'bad'"),
+        ([{"name": "a", "leaves": {"x": 1}}], "nest.items[0].leaves",
+         "expected an array of tables"),
+        ([{"name": "a", "opt": "s"}], "nest.items[0].opt", "expected a list of strings"),
+        ("a", "nest.items", "expected an array of tables, got str 'a'"),
+    ],
+)  # fmt: skip
+def test_nested_errors_name_the_full_path(items: object, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_mod._from_dict(_NestRoot, {"nest": {"items": items}})
+    assert info.value.key == key
+    assert message in info.value.message
