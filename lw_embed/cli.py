@@ -103,7 +103,9 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from lw_embed.runtime import init
 
     faults = frozenset(f for f in env.get("_LW_EMBED_FAULTS", "").split(",") if f)
-    return init.run(init.RunOptions(argv=tuple(cmd), config=cfg, faults=faults), env)
+    path = args.config or env.get("LW_EMBED_CONFIG") or None
+    opts = init.RunOptions(argv=tuple(cmd), config=cfg, config_path=path, faults=faults)
+    return init.run(opts, env)
 
 
 def _env(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -69,7 +69,7 @@ ENV_PREFIX = "LW_EMBED_"
 #: ``LW_EMBED_*`` variables that are not config overrides (read elsewhere; ignored here).
 RESERVED_ENV = frozenset(
     {"LW_EMBED_TOKEN", "LW_EMBED_CONFIG", "LW_EMBED_BACKEND", "LW_EMBED_DATA_DIR",
-     "LW_EMBED_PYTHON"}  # fmt: skip
+     "LW_EMBED_PYTHON"}
 )
 
 

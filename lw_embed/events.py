@@ -212,8 +212,22 @@ class AgentStatus:
         return {"kind": self.kind, "metrics": sorted_value(self.metrics), "time": self.time}
 
 
+@dataclass(frozen=True, slots=True)
+class AgentConfigRejected:
+    """A hot reload of the rules failed: the old rules stay live."""
+
+    kind: ClassVar[str] = "agent.config_rejected"
+    time: int
+    path: str
+    error: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"error": self.error, "kind": self.kind, "path": self.path, "time": self.time}
+
+
 #: Every event kind this module defines, by its dotted name.
 KINDS: Mapping[str, type[Event]] = {
     cls.kind: cls
-    for cls in (ProcessExec, ProcessExit, NetConnect, AgentCapabilities, AgentLoss, AgentStatus)
+    for cls in (ProcessExec, ProcessExit, NetConnect, AgentCapabilities, AgentLoss, AgentStatus,
+                AgentConfigRejected)
 }

@@ -28,7 +28,7 @@ CONNECT    pid, tid, fd, family ("inet" | "inet6" | "unix" | str(int)), address,
 LOSS       totals (dict reason -> count, cumulative since the core started)
 STATUS     metrics (dict name -> number, cumulative counters and gauges of the core)
 WORKLOAD   main_pid, argv (list[str])  (the workload was started)
-SHUTDOWN   reason (str)  (the core is shutting down: flush now)
+SHUTDOWN   reason (str), budget (float: seconds the worker has to drain and exit)
 =========  ===================================================================================
 
 ``*_ticks`` are ``/proc/<pid>/stat`` start times in clock ticks since boot: with the pid
@@ -77,7 +77,7 @@ ARITY: dict[int, int] = {
     R.LOSS: 1,
     R.STATUS: 1,
     R.WORKLOAD: 2,
-    R.SHUTDOWN: 1,
+    R.SHUTDOWN: 2,
 }
 
 

@@ -6,7 +6,7 @@ Interface: ``ptrace(2)`` through ``ptrace.binding.func.ptrace`` (python-ptrace),
 Capability: ``CAP_SYS_PTRACE``, or being the parent of the tracee under Yama scope <= 1.
 Every request must come from the tracer thread (the core's main thread).
 
-Cost: one syscall per request plus python-ptrace's small wrapper; ``get_syscall_info``
+Cost: one syscall per request through python-ptrace's ctypes prototype; ``get_syscall_info``
 returns the syscall number and arguments in one 88-byte read instead of a full register
 dump.
 
@@ -65,12 +65,19 @@ class PtraceFailed(OSError):
     """A ptrace request the kernel refused."""
 
 
+# python-ptrace's ctypes prototype of libc's ptrace() (loaded with use_errno), called
+# directly: its Python wrapper costs more than the syscall on the tracer's hot path.
+_raw = _pt._ptrace
+_FAILED = (1 << 64) - 1 if ctypes.sizeof(ctypes.c_ulong) == 8 else (1 << 32) - 1
+_get_errno = ctypes.get_errno
+
+
 def _call(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
-    try:
-        return int(_pt.ptrace(request, pid, addr, data))
-    except _pt.PtraceError as exc:
-        err = exc.errno or _errno.EIO
-        raise PtraceFailed(err, os.strerror(err)) from None
+    r: int = _raw(request, pid, addr, data)
+    if r == _FAILED:
+        err = _get_errno() or _errno.EIO
+        raise PtraceFailed(err, os.strerror(err))
+    return r
 
 
 def seize(pid: int, options: int) -> None:
@@ -111,11 +118,12 @@ _info_buf = ctypes.create_string_buffer(_INFO.size)
 _info_addr = ctypes.addressof(_info_buf)
 
 
-def get_syscall_info(pid: int) -> tuple[int, int, int, tuple[int, ...]]:
-    """(op, arch, nr, args) of a tracee in a syscall or seccomp stop (Linux >= 5.3)."""
+def get_syscall_info(pid: int) -> tuple[int, int, int, tuple[int, ...], int]:
+    """(op, arch, nr, args, ret_data) of a tracee in a syscall or seccomp stop (Linux >= 5.3);
+    ret_data is the SECCOMP_RET_DATA of a seccomp stop (saves a PTRACE_GETEVENTMSG)."""
     _call(PTRACE_GET_SYSCALL_INFO, pid, _INFO.size, _info_addr)
     op, arch, _ip, _sp, nr, *rest = _INFO.unpack(_info_buf.raw)
-    return op, arch, nr, tuple(rest[:6])
+    return op, arch, nr, tuple(rest[:6]), rest[6]
 
 
 class _IoVec(ctypes.Structure):

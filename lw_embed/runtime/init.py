@@ -51,12 +51,17 @@ CATCHABLE = frozenset(
 FORWARDED = CATCHABLE - {signal.SIGCHLD}
 STATUS_EVERY = 10.0
 TREE_CHECK_EVERY = 0.05
+OUTBOX_FLUSH_AT = 1 << 16
+LOSS_EVERY = 1.0
+#: what the core keeps for itself at the end of the platform's grace
+SHUTDOWN_MARGIN = 0.5
 
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
     argv: tuple[str, ...]
     config: Config
+    config_path: str | None = None
     faults: frozenset[str] = frozenset()
 
 
@@ -129,7 +134,7 @@ class Core:
         self.grace = detect.shutdown_grace(self.cfg.shutdown.grace, plat)
         self.flush_budget = min(self.cfg.shutdown.flush, self.grace / 2)
         self.platform = plat
-        self.instance_id = self.cfg.agent.instance_id or os.urandom(8).hex()
+        self.instance_id = self.cfg.agent.instance_id  # "" = the worker keeps one per spool
         self.main_pid = 0
         self.main_status: int | None = None
         self.worker_pid = 0
@@ -138,12 +143,14 @@ class Core:
         self.worker_backoff = self.cfg.worker.restart_backoff_min
         self.worker_restarts = 0
         self.deadline: float | None = None  # when what is left of the tree gets SIGKILL
+        self.term_at: float | None = None  # first SIGTERM: the platform's grace runs from here
         self.draining = False
         self.tracer: Tracer | None = None
         self.errors: dict[str, int] = {}
         self.recent_traced_exits: dict[int, float] = {}
         self._last_loss: dict[str, int] = {}
         self._next_status = 0.0
+        self._next_loss = 0.0
         self._next_tree_check = 0.0
 
     # -- start ------------------------------------------------------------------------
@@ -212,6 +219,7 @@ class Core:
     def _start_worker(self) -> None:
         payload = {
             "config": config_to_dict(self.cfg),
+            "config_path": self.opts.config_path,
             "core_pid": os.getpid(),
             "instance_id": self.instance_id,
             "mode": "wrapper",
@@ -295,6 +303,8 @@ class Core:
             if os.WIFSTOPPED(status):
                 if tracer is not None:
                     tracer.on_stop(pid, status)
+                    if self.outbox.pending > OUTBOX_FLUSH_AT:
+                        self.outbox.flush()  # a long burst of stops: do not wait for its end
                 continue
             if tracer is not None and tracer.on_exit(pid, status):
                 self.recent_traced_exits[pid] = time.monotonic()
@@ -323,8 +333,12 @@ class Core:
                 os.kill(target, sig)
         else:
             self._signal_tree(sig)
+        if sig == signal.SIGHUP and self.worker_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.worker_pid, signal.SIGHUP)  # and reload the agent's rules
         if sig == signal.SIGTERM and self.deadline is None:
-            self.deadline = time.monotonic() + max(0.0, self.grace - self.flush_budget)
+            self.term_at = time.monotonic()
+            self.deadline = self.term_at + max(0.0, self.grace - self.flush_budget)
 
     def _begin_drain(self) -> None:
         """The main child is gone: give the rest of the tree SIGTERM and its grace."""
@@ -343,7 +357,9 @@ class Core:
         if now >= self._next_status:
             self._next_status = now + STATUS_EVERY
             self._send_status()
-        self._send_loss()
+        if now >= self._next_loss:
+            self._next_loss = now + LOSS_EVERY
+            self._send_loss()
         self.outbox.flush()
         if self.deadline is not None and now >= self.deadline:
             self._signal_tree(signal.SIGKILL)
@@ -413,11 +429,17 @@ class Core:
 
     # -- the end --------------------------------------------------------------------------
     def _finish(self) -> None:
-        """Hand the worker what is buffered, let it flush, and never wait past the budget."""
-        end = time.monotonic() + max(self.flush_budget, 0.2)
+        """Hand the worker what is buffered, let it drain, and never wait past the budget:
+        after a SIGTERM, what is left of the platform's grace (less a margin for our own
+        exit); otherwise ``shutdown.flush``."""
+        now = time.monotonic()
+        budget = self.flush_budget
+        if self.term_at is not None:
+            budget = max(budget, self.term_at + self.grace - SHUTDOWN_MARGIN - now)
+        end = now + max(budget, 0.2)
         self._send_status()
         self._send_loss()
-        self.outbox.put(frame(R.SHUTDOWN, time.time_ns(), "workload exited"))
+        self.outbox.put(frame(R.SHUTDOWN, time.time_ns(), "workload exited", budget - 0.1))
         if self.worker_pid == 0:
             self._start_worker()
         while not self.outbox.flush() and time.monotonic() < end and self.worker_pid:

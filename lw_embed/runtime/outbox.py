@@ -5,8 +5,9 @@ Interface: a pipe write end set ``O_NONBLOCK`` and sized with ``F_SETPIPE_SZ``.
 Capability: none (a pipe larger than ``/proc/sys/fs/pipe-max-size`` needs
 ``CAP_SYS_RESOURCE``; we ask for at most that and keep what we get).
 
-Cost: one ``write(2)`` per put when the pipe has room (records reach the worker at
-once); otherwise an append to a bytearray, flushed by the core loop.
+Cost: a put is an append to a bytearray; the core loop flushes once per wake (after it
+has handled every pending stop), so a burst of records is one ``write(2)`` and one
+wake-up of the worker.
 
 Failure modes: when the buffer would exceed its bound the record is dropped and counted
 (``core.buffer_full``); a worker that is gone leaves data in the pipe (the core keeps the
@@ -42,19 +43,6 @@ class Outbox:
         return len(self._buf)
 
     def put(self, data: bytes) -> None:
-        if not self._buf:
-            try:
-                n = os.write(self._fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:  # EPIPE cannot happen while we hold the read end
-                if exc.errno != errno.EPIPE:
-                    raise
-                n = 0
-            self.written += n
-            if n == len(data):
-                return
-            data = data[n:]
         if len(self._buf) + len(data) > self._max:
             self.drops += 1
             self.dropped_bytes += len(data)
@@ -65,8 +53,12 @@ class Outbox:
         """Write what the pipe takes; True when the buffer is empty."""
         while self._buf:
             try:
-                n = os.write(self._fd, self._buf[: 1 << 16])
+                n = os.write(self._fd, self._buf[: 1 << 20])
             except BlockingIOError:
+                return False
+            except OSError as exc:  # EPIPE cannot happen while we hold the read end
+                if exc.errno != errno.EPIPE:
+                    raise
                 return False
             self.written += n
             del self._buf[:n]

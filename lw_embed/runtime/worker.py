@@ -1,35 +1,35 @@
-"""The worker process: core records in, batch files out (``python -m lw_embed.runtime.worker``).
+"""The worker process: core records in, events accepted into the spool, batches shipped.
 
 Launch contract (the core's side is :meth:`lw_embed.runtime.init.Core._start_worker`): fd 3
 is the read end of the record pipe; ``_LW_EMBED_WORKER`` holds JSON ``{"config":
-<config_to_dict>, "core_pid", "instance_id", "mode", "scope": "tree"|"namespace"|"none",
-"version"}`` and optionally ``"seq_start"`` (otherwise the sequence resumes after the
-newest batch file of this instance, so a restarted worker never reuses a number). The
-worker never writes to stdout; logs go to stderr at ``agent.log_level``, never per event.
+<config_to_dict>, "config_path", "core_pid", "instance_id", "mode", "scope":
+"tree"|"namespace"|"none", "version"}``. The worker never writes to stdout; logs go to
+stderr at ``agent.log_level``, never per event.
 
 Interface: ``select(2)`` on fd 3 (``O_NONBLOCK``) and a signal wakeup pipe, with the
-timeout set by the next batch deadline, sink retry or reconcile pass;
+timeout set by the next reconcile pass, aggregation window, spool sync or loss report;
 :class:`~lw_embed.records.FrameReader` -> :func:`~lw_embed.records.decode_payload` ->
-:class:`~lw_embed.pipeline.enrich.ProcessTable` -> :class:`~lw_embed.pipeline.batch.Batcher`
--> :func:`~lw_embed.codec.encode_batch` -> :class:`~lw_embed.sinks.files.FileSink`; and the
-/proc snapshot and reconciler of :mod:`lw_embed.sources.procfs`.
+:class:`~lw_embed.pipeline.enrich.ProcessTable` -> filter -> aggregate ->
+:class:`~lw_embed.spool.Spool` (accepted) -> :class:`~lw_embed.runtime.shipper.Shipper`
+(its own thread) -> HTTP backend or batch files; and the /proc reconciler of
+:mod:`lw_embed.sources.procfs`.
 
-Capability: none beyond those of the /proc source; write access to the output directory.
+Capability: none beyond those of the /proc source; a writable data dir.
 
-Cost: idle, it sleeps in select; per record a decode, a dict update and a ``to_wire``;
-per batch one encode and two fsyncs (about once a second under load).
+Cost: idle, it sleeps in select; per record a decode, a dict update, a ``to_wire``, the
+filter and aggregate steps and one spool append (one ``write(2)``); one group fdatasync
+per ``spool.sync_interval``. It runs at nice 10 so the workload and the core come first.
 
 Failure modes: nothing in the input stops it. Every drop has a reason and a counter:
-``worker.bad_frame`` (bytes FrameReader skipped, a torn tail at EOF), ``worker.bad_record``
-(undecodable or ill-typed records), ``worker.sink_error`` (events of a batch whose write
-failed :data:`SINK_ATTEMPTS` times), ``worker.encode_error``, ``worker.exit_unknown_process``
-(an EXIT with no known process) and ``worker.process_table_full`` (live entries evicted).
-Those and the core's cumulative totals go out in an ``agent.loss`` event whenever they
-change (at most once per batch; it may exceed the batch bounds by that one event) and in
-the final batch always; every batch header carries them too. SIGTERM/SIGINT only request
-an early flush: the core ends the worker by closing the pipe, and at EOF the worker
-flushes and exits 0. Exit 2: ``_LW_EMBED_WORKER`` missing or invalid, fd 3 not open, or
-no output directory can be resolved.
+``worker.bad_frame``, ``worker.bad_record``, ``worker.exit_unknown_process``,
+``worker.process_table_full``, and the spool's own (``spool.evicted``, ``spool.full``,
+``spool.corrupt``, ``http_<code>``, ...). Those and the core's cumulative totals go out in
+an ``agent.loss`` event whenever they change (at most once a second) and at the end.
+Events the filter excludes are not losses (they are counted in ``worker.filtered``).
+SIGHUP reloads the rules (as does a change of the config file); SIGTERM/SIGINT ask the
+shipper to send now: the core ends the worker by closing the pipe, and at EOF the worker
+drains the spool by priority within the budget the core gave (SHUTDOWN record), fsyncs
+what is left and exits 0. Exit 2: ``_LW_EMBED_WORKER`` missing or invalid, or fd 3 not open.
 """
 
 from __future__ import annotations
@@ -38,27 +38,43 @@ import contextlib
 import json
 import logging
 import os
-import re
 import select
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from lw_embed import records
-from lw_embed.codec import AgentIdentity, encode_batch
-from lw_embed.config import Config, config_from_dict, resolved_output_dir
-from lw_embed.decode import read_batch
+from lw_embed.codec import AgentIdentity
+from lw_embed.config import (
+    Config,
+    config_from_dict,
+    resolved_data_dir,
+    resolved_output_dir,
+    resolved_spool_dir,
+)
 from lw_embed.errors import ConfigError, LwEmbedError, RecordError
-from lw_embed.events import AgentCapabilities, AgentLoss, AgentStatus, Event
+from lw_embed.events import AgentCapabilities, AgentConfigRejected, AgentLoss, AgentStatus, Event
 from lw_embed.kernel import procfs
-from lw_embed.pipeline.batch import Batcher
+from lw_embed.pipeline.aggregate import Aggregator
 from lw_embed.pipeline.enrich import PROCESS_RECORDS, ProcessTable
+from lw_embed.pipeline.filter import FilterProgram, process_context
+from lw_embed.pipeline.reload import RulesWatcher
 from lw_embed.records import R
-from lw_embed.sinks.files import FileSink, batch_name
+from lw_embed.runtime.shipper import (
+    BatchSink,
+    FileBatchSink,
+    HttpBatchSink,
+    Shipper,
+    ShipperLimits,
+)
+from lw_embed.sinks.files import FileSink
+from lw_embed.sinks.http import HttpSender
 from lw_embed.sources.procfs import SCOPES, Reconciler
+from lw_embed.spool import Spool, SpoolError, SpoolLocked
 
 log = logging.getLogger("lw_embed.worker")
 
@@ -68,9 +84,10 @@ MODES = ("wrapper", "sidecar", "in-app")
 READ_CHUNK = 1 << 16
 #: bytes read before the loop looks at its deadlines again
 READ_BUDGET = 1 << 20
-#: writes of one batch before it is dropped (counted as worker.sink_error per event)
-SINK_ATTEMPTS = 3
-SINK_RETRY_DELAY = 0.5
+#: at most one agent.loss event per this many seconds (and one at the end)
+LOSS_EVERY = 1.0
+#: a 5xx other than 502/503/504 is retried this often before the batch is dead-lettered
+SERVER_ERROR_ATTEMPTS = 1 << 30
 
 
 class SpecError(LwEmbedError):
@@ -83,32 +100,33 @@ class Spec:
 
     config: Config
     core_pid: int
-    instance_id: str
+    instance_id: str  # "" = the one kept in the spool directory
     mode: str
     scope: str
     version: str
-    seq_start: int | None = None
+    config_path: str | None = None
 
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _safe_id(v: object) -> bool:
-    try:
-        return isinstance(v, str) and bool(batch_name(v, 0))
-    except ValueError:
-        return False
+_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_.")
+
+
+def safe_id(v: object) -> bool:
+    """An instance id usable in file names and idempotency keys."""
+    return (isinstance(v, str) and 0 < len(v) <= 128 and not v.startswith(".")
+            and set(v) <= _ID_CHARS)  # fmt: skip
 
 
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "config": (lambda v: isinstance(v, dict), "an object"),
     "core_pid": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "instance_id": (_safe_id, "a string safe in a file name"),
+    "instance_id": (lambda v: v == "" or safe_id(v), "empty or [A-Za-z0-9._-]{1,128}"),
     "mode": (lambda v: v in MODES, "one of " + ", ".join(MODES)),
     "scope": (lambda v: v in SCOPES, "one of " + ", ".join(SCOPES)),
     "version": (lambda v: isinstance(v, str), "a string"),
-    "seq_start": (lambda v: v is None or (_is_int(v) and v >= 0), "a non-negative integer"),
 }
 
 
@@ -123,52 +141,86 @@ def parse_spec(raw: str | None) -> Spec:
     if not isinstance(data, dict):
         raise SpecError(f"{ENV_VAR}: not a JSON object")
     for key, (ok, what) in _CHECKS.items():
-        if key not in data and key != "seq_start":
+        if key not in data:
             raise SpecError(f"{ENV_VAR}: {key} is missing")
-        if not ok(data.get(key)):
+        if not ok(data[key]):
             raise SpecError(f"{ENV_VAR}: {key} must be {what}, got {data[key]!r:.80}")
+    path = data.get("config_path")
+    if path is not None and not isinstance(path, str):
+        raise SpecError(f"{ENV_VAR}: config_path must be a string or null")
     try:
         cfg = config_from_dict(data["config"])
     except ConfigError as exc:
         raise SpecError(f"{ENV_VAR}: config: {exc}") from exc
     d = data
     return Spec(cfg, d["core_pid"], d["instance_id"], d["mode"], d["scope"], d["version"],
-                d.get("seq_start"))  # fmt: skip
+                path)  # fmt: skip
 
 
-def resume_seq(directory: str, instance_id: str) -> int:
-    """The first sequence number after the newest batch file of ``instance_id``."""
-    pat = re.compile(rf"batch-{re.escape(instance_id)}-(\d+)\.cbor")
+def instance_id_of(spool_dir: str) -> str:
+    """The agent instance id kept beside the spool, created once: with the spool's seq it
+    names every event uniquely, across restarts and upgrades."""
+    path = os.path.join(spool_dir, "instance_id")
     try:
-        firsts = [int(m[1]) for n in os.listdir(directory) if (m := pat.fullmatch(n))]
-    except OSError:
-        return 0
-    if not firsts:
-        return 0
-    first = max(firsts)
+        with open(path, encoding="ascii") as f:
+            value = f.read().strip()
+        if safe_id(value):
+            return value
+    except (OSError, UnicodeDecodeError):
+        pass
+    value = os.urandom(8).hex()
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        last = read_batch(os.path.join(directory, batch_name(instance_id, first)))["seq"][1]
-    except (OSError, RecordError) as exc:
-        log.warning("cannot read the last batch of this instance (%s); resuming after it", exc)
-        return first + 1
-    return int(last) + 1
-
-
-@dataclass(slots=True)
-class _Held:
-    """An encoded batch not yet written."""
-
-    data: bytes
-    seq_first: int
-    events: int
-    attempts: int = 0
-    retry_at: float = 0.0
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(value + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot keep the instance id in %s: %s", spool_dir, exc)
+    return value
 
 
 def _map(v: Any) -> dict[Any, Any]:
     if not isinstance(v, dict):
         raise RecordError(f"expected a map, got {type(v).__name__}")
     return v
+
+
+def _open_spool(cfg: Config, spool_dir: str, mono: Callable[[], float]) -> tuple[Spool, str]:
+    """Open the spool. If another live agent holds it, use a private one beside it; if the
+    data dir is unusable (a read-only root filesystem), use one under the temp dir. Say
+    so, rather than fail: the workload must not lose its agent over a volume."""
+    sc = cfg.spool
+    fallback = os.path.join(tempfile.gettempdir(), f"lw-embed-{os.getuid()}", "spool")
+    for d in (spool_dir, f"{spool_dir}.{os.getpid()}", fallback):
+        spool = Spool(d, max_bytes=sc.max_bytes, segment_bytes=sc.segment_bytes,
+                      sync_interval=sc.sync_interval, clock=mono)  # fmt: skip
+        try:
+            spool.open()
+            return spool, d
+        except SpoolLocked:
+            log.error("spool %s is held by another agent; using a private spool", d)
+        except (SpoolError, OSError) as exc:
+            log.error("cannot use spool %s (%s); trying %s", d, exc, fallback)
+    raise LwEmbedError(f"cannot open a spool in {spool_dir} nor in {fallback}")
+
+
+def _sink(cfg: Config, out_dir: str, instance_id: str, version: str) -> BatchSink:
+    b = cfg.backend
+    if not b.url:
+        return FileBatchSink(FileSink(out_dir), instance_id)
+    token = b.token
+    if b.token_file:
+        with open(b.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    sender = HttpSender(
+        b.url, token, ca_file=b.ca_file, verify_tls=b.verify_tls,
+        connect_timeout=b.connect_timeout, request_timeout=b.request_timeout,
+        backoff_initial=b.backoff_initial, backoff_max=b.backoff_max,
+        user_agent=f"lw-embed/{version}", max_server_error_retries=SERVER_ERROR_ATTEMPTS,
+    )  # fmt: skip
+    return HttpBatchSink(sender, b.compression_quality)
 
 
 class Worker:
@@ -185,7 +237,7 @@ class Worker:
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
         cfg = spec.config
-        self.spec, self.fd, self.wall, self.mono = spec, fd, wall, mono
+        self.spec, self.cfg, self.fd, self.wall, self.mono = spec, cfg, fd, wall, mono
         boot = procfs.boot_id(proc)
         pidns = procfs.pidns_inode("self", proc)
         try:
@@ -197,27 +249,37 @@ class Worker:
             self.table, spec.scope, spec.core_pid, os.getpid(), proc,
             cfg.tracer.argv_max_bytes, cfg.tracer.argv_max_args,
         )  # fmt: skip
-        out_dir = resolved_output_dir(cfg, os.getuid(), env)
-        self.sink = FileSink(out_dir)
-        seq = spec.seq_start
-        self.seq_start = resume_seq(out_dir, spec.instance_id) if seq is None else seq
-        o = cfg.output
-        self.batcher = Batcher(
-            o.batch_max_events, o.batch_max_bytes, o.batch_max_age, self.seq_start, mono
-        )
-        self.agent = AgentIdentity(spec.instance_id, spec.version, spec.mode)
+        uid = os.getuid()
+        self.spool, spool_dir = _open_spool(cfg, resolved_spool_dir(cfg, uid, env), mono)
+        instance = spec.instance_id or instance_id_of(spool_dir)
+        self.agent = AgentIdentity(instance, spec.version, spec.mode)
         self.resource = {"boot_id": boot, "pid_namespace": pidns}
+        self.program = FilterProgram(cfg.filter)
+        a = cfg.aggregate
+        self.aggregator = Aggregator(a.window, a.max_groups, a.keys, mono)
+        self.watcher = RulesWatcher(spec.config_path, mono, env)
+        o = cfg.output
+        self.limits = ShipperLimits(o.batch_max_events, o.batch_max_bytes, o.batch_max_age)
+        self.shipper = Shipper(
+            self.spool,
+            _sink(cfg, resolved_output_dir(cfg, uid, env), instance, spec.version),
+            self.agent, self.limits,
+            resource=lambda: self.resource,
+            processes=self._process_records,
+            loss=self.totals,
+            deadletter_dir=os.path.join(resolved_data_dir(cfg, uid, env), "deadletter"),
+        )  # fmt: skip
         self.reader = records.FrameReader()
         self.counts: dict[str, int] = {}
         self.core_totals: dict[str, int] = {}
-        self._reported: dict[str, int] = {}  # totals of the last agent.loss
-        self._dirty_at: float | None = None  # when the totals first differed from those
-        self._held: _Held | None = None
-        self._flush_requested = False
+        self._reported: dict[str, int] | None = None  # totals of the last agent.loss
+        self._next_loss = 0.0
         self._eof = False
         self._torn_tail = 0
         self._warned_bad_record = False
-        self.batches_written = self.events_written = self.bytes_read = 0
+        self._since_notify = 0
+        self._budget = cfg.shutdown.flush
+        self.filtered = self.bytes_read = 0
         self._reconcile_every = cfg.processes.reconcile_interval
         self._reconcile_at: float | None = None
 
@@ -227,16 +289,21 @@ class Worker:
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, lambda *_: self.watcher.request())
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        for sig in (signal.SIGTTOU, signal.SIGTTIN):  # a terminal belongs to the workload
+            signal.signal(sig, signal.SIG_IGN)
         os.set_blocking(self.fd, False)
-        log.info("started: scope %s, seq %d", self.spec.scope, self.seq_start)
+        self.shipper.start()
+        log.info("started: scope %s, instance %s, seq %d", self.spec.scope,
+                 self.agent.instance_id, self.spool.next_seq)  # fmt: skip
         while self._read() >= READ_BUDGET:  # what the core buffered before we started
-            pass  # is applied before the snapshot, so those processes are not reported twice
-        t = self.wall()
-        for info in self.reconciler.snapshot():
-            self._emit(self.table.observe_procfs(info, t))
+            pass
         if self.spec.scope != "none":
-            self._reconcile_at = self.mono() + self._reconcile_every
+            # the first pass only notes what runs; what is still unknown to the tracer at
+            # the next pass is reported (from /proc) then
+            self.reconciler.reconcile(self.mono())
+            self._reconcile_at = self.mono() + min(self._reconcile_every, 1.0)
         while not self._eof:
             try:
                 ready = select.select([self.fd, wake_r], [], [], self._timeout())[0]
@@ -248,41 +315,42 @@ class Worker:
                     os.read(wake_r, 4096)
             if self.fd in ready:
                 self._read()
-            now = self.mono()
-            if self._reconcile_at is not None and now >= self._reconcile_at:
-                self._reconcile(now)
-                self._reconcile_at = self.mono() + self._reconcile_every
-            self._sync_counts()
-            if self._held is not None:
-                if now >= self._held.retry_at:
-                    self._flush()
-            elif self._flush_requested or self.batcher.due() or self._loss_due(now):
-                self._flush()
+            self._tick()
         if self._reconcile_at is not None:
             self._reconcile(self.mono(), final=True)  # nothing is in flight any more
-        self._final_flush()
-        log.info("worker done: %d batches, %d events", self.batches_written, self.events_written)
+        self._finish()
         return 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        self._flush_requested = True  # the wakeup fd ends the select
+        self.shipper.notify()  # the wakeup fd ends the select
 
-    def _timeout(self) -> float | None:
+    def _timeout(self) -> float:
         now = self.mono()
-        ts: list[float] = []
-        if self._held is not None:
-            ts.append(self._held.retry_at)
-        else:
-            if self._flush_requested:
-                return 0.0
-            deadline = self.batcher.deadline()
-            if deadline is not None:
-                ts.append(deadline)
-            if self._dirty_at is not None:
-                ts.append(self._dirty_at + self.batcher.max_age)
+        ts = [now + self.spool_sync_interval, self._next_loss, now + 1.0]
+        deadline = self.aggregator.next_deadline()
+        if deadline is not None:
+            ts.append(deadline)
         if self._reconcile_at is not None:
             ts.append(self._reconcile_at)
-        return max(0.0, min(ts) - now) if ts else None
+        return max(0.0, min(ts) - now)
+
+    @property
+    def spool_sync_interval(self) -> float:
+        return self.cfg.spool.sync_interval
+
+    def _tick(self) -> None:
+        now = self.mono()
+        if self._reconcile_at is not None and now >= self._reconcile_at:
+            self._reconcile(now)
+            self._reconcile_at = self.mono() + self._reconcile_every
+        for ev in self.aggregator.flush(now):
+            self._accept(ev)
+        if self.watcher.changed():
+            self._reload()
+        if now >= self._next_loss:
+            self._next_loss = now + LOSS_EVERY
+            self._report_loss()
+        self.spool.maybe_sync()
 
     def _read(self) -> int:
         """Read and handle what the pipe has, up to READ_BUDGET; return the bytes read."""
@@ -340,8 +408,10 @@ class Worker:
         elif rtype == R.WORKLOAD:
             log.debug("workload started: pid %s, argv %r", f[0], f[1])
         elif rtype == R.SHUTDOWN:
-            log.info("core shutting down (%s): flushing", f[0])
-            self._flush_requested = True
+            budget = f[1]
+            if isinstance(budget, int | float) and not isinstance(budget, bool):
+                self._budget = max(0.0, float(budget))
+            log.info("core shutting down (%s): %.1fs to drain", f[0], self._budget)
         for missed in self.table.drain_missed():
             self._emit(missed)
 
@@ -355,28 +425,72 @@ class Worker:
         for missed in self.table.drain_missed():
             self._emit(missed)
 
+    def _reload(self) -> None:
+        res = self.watcher.try_reload(self.cfg)
+        if not res.ok or res.config is None or res.program is None:
+            log.warning("config reload rejected, old rules stay: %s", res.error)
+            self._accept(AgentConfigRejected(time=self.wall(), path=self.watcher.path or "",
+                                             error=res.error or "").to_wire())  # fmt: skip
+            return
+        self.cfg, self.program = res.config, res.program
+        a = res.config.aggregate
+        for ev in self.aggregator.reconfigure(a.window, a.max_groups, a.keys):
+            self._accept(ev)
+        if res.restart_needed:
+            log.warning("config reloaded; these keys need a restart: %s",
+                        ", ".join(res.restart_needed))  # fmt: skip
+        else:
+            log.info("config reloaded (%s)", ", ".join(res.changed) or "no change")
+
     def metrics(self) -> dict[str, int | float]:
         """The worker's own counters and gauges (added to each agent.status)."""
+        st = self.spool.stats()
         return {
-            "worker.batches_written": self.batches_written,
             "worker.bytes_read": self.bytes_read,
-            "worker.events_written": self.events_written,
-            "worker.events_pending": len(self.batcher),
+            "worker.filtered": self.filtered,
+            "worker.aggregated": self.aggregator.folded,
             "worker.processes": len(self.table),
             "worker.processes_live": self.table.live_count,
             "worker.processes_evicted": self.table.evictions,
             "worker.reconcile_passes": self.reconciler.passes,
+            "spool.accepted": st.accepted,
+            "spool.delivered": st.delivered,
+            "spool.pending": st.pending,
+            "spool.bytes": st.bytes,
+            "shipper.batches": self.shipper.batches,
         }
 
-    # -- events, loss and batches ---------------------------------------------------------
+    # -- events, loss and shipping --------------------------------------------------------
     def _emit(self, event: Event | None) -> None:
+        """An event from a source: filter, aggregate, accept."""
         if event is None:
             return
         wire = event.to_wire()
-        eid = wire.get("exec_id")
-        self.batcher.add(wire, self.table.record(eid if isinstance(eid, str) else None))
-        if self.batcher.full():
-            self._flush()
+        ctx = process_context(wire, self.table)
+        kept = self.program.apply(wire, ctx)
+        if kept is None:
+            self.filtered += 1
+            return
+        for ev in self.aggregator.add(kept, ctx):
+            self._accept(ev)
+
+    def _accept(self, wire: dict[str, Any]) -> None:
+        if self.spool.append(wire) is None:
+            return  # counted by the spool under its reason
+        self._since_notify += 1
+        if self._since_notify >= self.limits.max_events:
+            self._since_notify = 0
+            self.shipper.notify()
+
+    def _process_records(self, exec_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The process records a batch refers to (called from the shipper thread: reads
+        only, the table is changed by this thread alone)."""
+        out = []
+        for eid in exec_ids:
+            rec = self.table.record(eid)
+            if rec is not None:
+                out.append(rec)
+        return out
 
     def _count(self, reason: str, n: int = 1) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + n
@@ -392,83 +506,42 @@ class Worker:
                 self.counts[reason] = n
 
     def totals(self) -> dict[str, int]:
-        """Cumulative drops by reason, the core's and the worker's."""
+        """Cumulative drops by reason: the core's, the worker's and the spool's."""
+        self._sync_counts()
         out = dict(self.core_totals)
-        for k, v in self.counts.items():
+        for k, v in (*self.counts.items(), *self.spool.stats().dropped.items()):
             if v:
                 out[k] = out.get(k, 0) + v
         return out
 
-    def _loss_due(self, now: float) -> bool:
-        if self._dirty_at is None and self.totals() != self._reported:
-            self._dirty_at = now
-        return self._dirty_at is not None and now >= self._dirty_at + self.batcher.max_age
-
-    def _flush(self, final: bool = False) -> None:
-        """Write the held batch if any, else take, encode and write the pending one."""
-        self._flush_requested = False
-        if self._held is not None:
-            if not final and self.mono() < self._held.retry_at:
-                return
-            self._write_held()
-            if self._held is not None:
-                return
-        self._sync_counts()
+    def _report_loss(self, final: bool = False) -> None:
         totals = self.totals()
         if final or totals != self._reported:
-            accepted = self.batcher.next_seq - self.seq_start
-            loss = AgentLoss(time=self.wall(), totals=totals, accepted=accepted)
-            self.batcher.add(loss.to_wire())
-            self._reported, self._dirty_at = totals, None
-        batch = self.batcher.take()
-        if batch is None:
-            return
-        try:
-            data = encode_batch(
-                self.agent, self.resource, batch.seq_first, batch.seq_last,
-                batch.processes, batch.events, totals,
-            )  # fmt: skip
-        except Exception as exc:
-            self._count("worker.encode_error", len(batch))
-            log.error("cannot encode batch %d..%d: %s", batch.seq_first, batch.seq_last, exc)
-            return
-        self._held = _Held(data, batch.seq_first, len(batch))
-        self._write_held()
+            self._reported = totals
+            accepted = self.spool.stats().accepted
+            self._accept(AgentLoss(time=self.wall(), totals=totals, accepted=accepted).to_wire())
 
-    def _write_held(self) -> None:
-        held = self._held
-        assert held is not None
-        try:
-            self.sink.write(held.data, self.spec.instance_id, held.seq_first)
-        except OSError as exc:
-            held.attempts += 1
-            if held.attempts < SINK_ATTEMPTS:
-                held.retry_at = self.mono() + SINK_RETRY_DELAY * 2 ** (held.attempts - 1)
-                log.warning("writing batch %d failed (%s); will retry", held.seq_first, exc)
-                return
-            log.error("dropping batch %d (%d events) after %d failed writes: %s",
-                      held.seq_first, held.events, held.attempts, exc)  # fmt: skip
-            self._count("worker.sink_error", held.events)
-            self._held = None
-            return
-        self._held = None
-        self.batches_written += 1
-        self.events_written += held.events
+    def _finish(self) -> None:
+        """At EOF: fold what is left, report the loss, ship by priority within the budget,
+        and keep the rest durable in the spool for the next start."""
+        for ev in self.aggregator.flush(force=True):
+            self._accept(ev)
+        self._report_loss(final=True)
+        self.spool.sync()
+        self.shipper.drain(self.mono() + self._budget)
+        st = self.spool.stats()
+        self.spool.close()
+        log.info("worker done: %d delivered, %d pending in the spool", st.delivered, st.pending)
 
-    def _final_flush(self) -> None:
-        """At EOF: write what is held (retrying at once), then one last batch with the loss."""
-        while self._held is not None:
-            self._write_held()
-            if self._held is not None:
-                time.sleep(0.05)
-        self._flush(final=True)
-        while self._held is not None:
-            time.sleep(0.05)
-            self._write_held()
+
+#: the worker yields the CPU to the workload and to the core (which holds tracee stops)
+WORKER_NICE = 10
 
 
 def main() -> int:
     """Entry point of ``python -m lw_embed.runtime.worker``; returns the exit status."""
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
     try:
         spec = parse_spec(os.environ.get(ENV_VAR))
     except SpecError as exc:
@@ -486,7 +559,7 @@ def main() -> int:
         return 2
     try:
         worker = Worker(spec)
-    except ConfigError as exc:
+    except (OSError, LwEmbedError) as exc:  # e.g. no usable spool anywhere
         print(f"lw-embed worker: {exc}", file=sys.stderr)
         return 2
     return worker.run()

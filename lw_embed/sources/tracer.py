@@ -244,10 +244,9 @@ class Tracer:
 
     def _on_seccomp(self, tid: int) -> None:
         self._fault("seccomp")
-        tag = pt.geteventmsg(tid) & seccomp.SECCOMP_RET_DATA
-        if tag != TAG_CONNECT:
+        _op, arch, nr, args, tag = pt.get_syscall_info(tid)
+        if tag & seccomp.SECCOMP_RET_DATA != TAG_CONNECT:
             return
-        _op, arch, nr, args = pt.get_syscall_info(tid)
         fd, addr, alen = args[0], args[1], args[2]
         if arch == seccomp.AUDIT_ARCH_I386 and nr in _I386_SOCKETCALL:
             raw = pt.read_memory(tid, args[1], 12)

@@ -25,13 +25,16 @@ pytestmark = [
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 
 
+#: these tests look at every single event: no folding of repeats
+NO_AGGREGATION = "[aggregate.keys]\n"
+
+
 def wrapper_cmd(tmp: Path, *cmd: str, config: str | None = None) -> list[str]:
     args = [sys.executable, "-m", "lw_embed", "run", "--output", str(tmp / "out"),
             "--data-dir", str(tmp / "data")]  # fmt: skip
-    if config is not None:
-        cfg = tmp / "lw.toml"
-        cfg.write_text(config)
-        args += ["--config", str(cfg)]
+    cfg = tmp / "lw.toml"
+    cfg.write_text((config or "") + NO_AGGREGATION)
+    args += ["--config", str(cfg)]
     return [*args, "--", *cmd]
 
 

@@ -10,6 +10,7 @@ import pytest
 from lw_embed.events import (
     KINDS,
     AgentCapabilities,
+    AgentConfigRejected,
     AgentLoss,
     AgentStatus,
     Ancestor,
@@ -72,10 +73,20 @@ STATUS = AgentStatus(
     time=1_700_000_003_000_000_000,
     metrics={"rss_bytes": 36_000_000, "cpu_percent": 1.5, "stops_per_s": 12},
 )
-ALL: list[Event] = [EXEC, EXIT, CONNECT, CAPS, LOSS, STATUS]
+REJECTED = AgentConfigRejected(
+    time=1_700_000_004_000_000_000,
+    path="/etc/lw-embed.toml",
+    error="filter.rules[0].cmdline: bad regex",
+)
+ALL: list[Event] = [EXEC, EXIT, CONNECT, CAPS, LOSS, STATUS, REJECTED]
 
 # Computed once from the instances above and pasted: a change here is a wire change.
 GOLDEN = {
+    "agent.config_rejected": (
+        "a4656572726f72782266696c7465722e72756c65735b305d2e636d646c696e653a20626164207265"
+        "676578646b696e64756167656e742e636f6e6669675f72656a65637465646470617468722f657463"
+        "2f6c772d656d6265642e746f6d6c6474696d651b17979cff24952800"
+    ),
     "process.exec": (
         "b069616e636573746f727381a363657865772f7573722f6c6f63616c2f62696e2f6c772d656d6265"
         "6467657865635f696470303132333435363738396162636465666370696401646172677683646375"

@@ -16,7 +16,7 @@ def _frames() -> list[bytes]:
         frame(R.FORK, 1, 1, 42, 12345),
         frame(R.EXEC, 2, *EXEC_FIELDS),
         frame(R.EXIT, 3, 42, 0, None, False),
-        frame(R.SHUTDOWN, 4, "sigterm"),
+        frame(R.SHUTDOWN, 4, "sigterm", 1.5),
     ]
 
 
@@ -28,7 +28,7 @@ def test_round_trip() -> None:
         [R.FORK, 1, 1, 42, 12345],
         [R.EXEC, 2, *EXEC_FIELDS],
         [R.EXIT, 3, 42, 0, None, False],
-        [R.SHUTDOWN, 4, "sigterm"],
+        [R.SHUTDOWN, 4, "sigterm", 1.5],
     ]
     assert reader.bad_frames == 0 and reader.pending == 0
 
