@@ -30,7 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run CMD as PID 1 under the agent (wrapper mode)")
     _config_args(run)
     run.add_argument("--output", metavar="DIR", help="write CBOR batch files into DIR")
-    run.add_argument("--data-dir", metavar="DIR", help="agent state and default output")
+    run.add_argument("--data-dir", metavar="DIR",
+                     help="spool, state and default output (or $LW_EMBED_DATA_DIR)")
+    run.add_argument("--backend", metavar="URL",
+                     help="ship batches to this ingest URL (or $LW_EMBED_BACKEND)")
+    run.add_argument("--token", metavar="TOKEN",
+                     help="bearer token for the backend (better: $LW_EMBED_TOKEN or "
+                          "[backend] token_file)")
     run.add_argument("--pgroup", action="store_true",
                      help="forward signals to the workload's process group")  # fmt: skip
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
@@ -40,6 +46,31 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate-config", help="check a config file (and LW_EMBED_* vars)")
     val.add_argument("file", metavar="FILE")
+
+    ing = sub.add_parser("ingest", help="run the bundled backend (aiohttp over SQLite)")
+    ing.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    ing.add_argument("--db", required=True, metavar="FILE", help="SQLite database")
+    ing.add_argument("--token-file", required=True, metavar="FILE",
+                     help="the bearer token agents and queries must present")
+    ing.add_argument("--max-body", type=int, default=8 << 20, metavar="BYTES",
+                     help="largest compressed body (413 beyond)")
+    ing.add_argument("--max-decompressed", type=int, default=4 << 20, metavar="BYTES",
+                     help="largest body once decompressed (413 beyond)")
+    ing.add_argument("--max-concurrency", type=int, default=8, metavar="N")
+    ing.add_argument("--max-queue", type=int, default=64, metavar="N",
+                     help="requests waiting beyond this get 503 + Retry-After")
+
+    for name, what in (("query", "print stored events as JSON lines"),
+                       ("agents", "print the agents the backend knows")):
+        q = sub.add_parser(name, help=what)
+        q.add_argument("--server", required=True, metavar="URL")
+        q.add_argument("--token-file", metavar="FILE", help="(or $LW_EMBED_TOKEN)")
+        if name == "query":
+            q.add_argument("--kind", metavar="K")
+            q.add_argument("--since", metavar="T", help="ns since the epoch or ISO 8601")
+            q.add_argument("--exec-id", metavar="E")
+            q.add_argument("--agent", metavar="I", help="agent instance id")
+            q.add_argument("--limit", type=int, default=10000, metavar="N")
 
     env = sub.add_parser("env", help="what this machine allows and what the agent would use")
     _config_args(env)
@@ -80,6 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return decode.main(args.paths, sys.stdout, sys.stderr)
         if args.command == "env":
             return _env(args, env)
+        if args.command == "ingest":
+            from lw_embed.server import ingest
+
+            return ingest.serve(args.listen, args.db, args.token_file, max_body=args.max_body,
+                                max_decompressed=args.max_decompressed,
+                                max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+        if args.command in ("query", "agents"):
+            return _query(args, env)
     except ConfigError as exc:
         print(f"lw-embed: config error: {exc}", file=sys.stderr)
         return 2
@@ -96,7 +135,9 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return 2
     cfg = _load(args.config, env, {
         "output.dir": args.output,
-        "agent.data_dir": args.data_dir,
+        "agent.data_dir": args.data_dir or env.get("LW_EMBED_DATA_DIR"),
+        "backend.url": args.backend or env.get("LW_EMBED_BACKEND"),
+        "backend.token": args.token or env.get("LW_EMBED_TOKEN"),
         "signals.pgroup": True if args.pgroup else None,
     })  # fmt: skip
     _setup_logging(cfg.agent.log_level, "core")
@@ -106,6 +147,16 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     path = args.config or env.get("LW_EMBED_CONFIG") or None
     opts = init.RunOptions(argv=tuple(cmd), config=cfg, config_path=path, faults=faults)
     return init.run(opts, env)
+
+
+def _query(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from lw_embed.server import query, read_token
+
+    token = read_token(args.token_file) if args.token_file else env.get("LW_EMBED_TOKEN", "")
+    if args.command == "agents":
+        return query.agents_main(args.server, token, sys.stdout, sys.stderr)
+    return query.main(args.server, token, args.kind, args.since, args.exec_id, args.agent,
+                      args.limit, sys.stdout, sys.stderr)  # fmt: skip
 
 
 def _env(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -43,6 +43,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -206,6 +207,15 @@ def _open_spool(cfg: Config, spool_dir: str, mono: Callable[[], float]) -> tuple
     raise LwEmbedError(f"cannot open a spool in {spool_dir} nor in {fallback}")
 
 
+def batches_url(url: str) -> str:
+    """The backend's batch endpoint: a bare ``http(s)://host:port`` gets the protocol's
+    ``/v1/batches``; a URL with a path is used as it is."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.path in ("", "/"):
+        return urllib.parse.urlunsplit(parts._replace(path="/v1/batches"))
+    return url
+
+
 def _sink(cfg: Config, out_dir: str, instance_id: str, version: str) -> BatchSink:
     b = cfg.backend
     if not b.url:
@@ -215,7 +225,7 @@ def _sink(cfg: Config, out_dir: str, instance_id: str, version: str) -> BatchSin
         with open(b.token_file, encoding="utf-8") as f:
             token = f.read().strip()
     sender = HttpSender(
-        b.url, token, ca_file=b.ca_file, verify_tls=b.verify_tls,
+        batches_url(b.url), token, ca_file=b.ca_file, verify_tls=b.verify_tls,
         connect_timeout=b.connect_timeout, request_timeout=b.request_timeout,
         backoff_initial=b.backoff_initial, backoff_max=b.backoff_max,
         user_agent=f"lw-embed/{version}", max_server_error_retries=SERVER_ERROR_ATTEMPTS,

@@ -73,8 +73,10 @@ log = logging.getLogger("lw_embed.sender")
 
 #: ``Content-Encoding`` values the protocol defines.
 ENCODINGS = frozenset({"br", "gzip", "identity"})
-#: Retried until delivered or stopped.
-_RETRY_FOREVER = frozenset({408, 429, 502, 503, 504})
+#: Retried until delivered or stopped. 404 and 405 mean the URL is wrong (a deployment
+#: mistake, not bad data): the data waits in the spool for the fix rather than being
+#: dead-lettered.
+_RETRY_FOREVER = frozenset({404, 405, 408, 429, 502, 503, 504})
 #: Exceptions of one attempt that are retried until delivered or stopped. ``ClientResponseError``
 #: out of ``session.post`` (with ``raise_for_status=False``) means the answer could not be
 #: parsed as HTTP (its ``status`` is the parser's, not the server's), ``OSError`` covers what
