@@ -1,9 +1,10 @@
-"""`make demo`: the agent wrapping a real workload, then what it saw.
+"""`make demo`: the agent wrapping a real workload, shipping to the bundled backend.
 
-The workload is a small shell script: it starts a Python HTTP server on loopback, fetches
-a page from it, runs a few short-lived commands and stops the server. The wrapper runs it
-as `lw-embed run --output DIR -- sh -c ...`, exactly as a container ENTRYPOINT would, and
-the demo prints the decoded events as a process tree.
+1. starts `lw-embed ingest` (the embedded default backend) on a free loopback port;
+2. runs a small shell workload under `lw-embed run --backend URL -- sh -c ...`, exactly as
+   a container ENTRYPOINT would: it starts a Python HTTP server on loopback, fetches a page
+   from it, runs a few short-lived commands and stops the server;
+3. asks the backend what it stored (`lw-embed query`) and prints it as a process tree.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
+URL = "http://127.0.0.1:18080/"
 WORKLOAD = f"""
 set -e
 {sys.executable} -m http.server --bind 127.0.0.1 18080 >/dev/null 2>&1 &
 server=$!
 sleep 0.5
-{sys.executable} -c "import urllib.request as u; print(len(u.urlopen('http://127.0.0.1:18080/').read()), 'bytes')"
+{sys.executable} -c "import urllib.request as u; print(len(u.urlopen('{URL}').read()), 'bytes')"
 ls / >/dev/null
 id -un
 uname -r
@@ -31,19 +33,47 @@ echo workload done
 """
 
 
+LW = [sys.executable, "-m", "lw_embed"]
+
+
+def start_ingest(work: str, token_file: str) -> tuple[subprocess.Popen[str], str]:
+    db = os.path.join(work, "ingest.sqlite")
+    srv = subprocess.Popen([*LW, "ingest", "--listen", "127.0.0.1:0", "--db", db,
+                            "--token-file", token_file],
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert srv.stdout is not None
+    line = srv.stdout.readline()  # "lw-embed ingest listening on http://127.0.0.1:PORT"
+    if "listening on" not in line:
+        srv.kill()
+        raise SystemExit(f"ingest did not start: {line!r}")
+    return srv, line.split("listening on", 1)[1].strip()
+
+
 def main() -> int:
-    out = tempfile.mkdtemp(prefix="lw-embed-demo-")
-    cmd = [sys.executable, "-m", "lw_embed", "run", "--output", out,
-           "--data-dir", os.path.join(out, "data"), "--", "/bin/sh", "-c", WORKLOAD]  # fmt: skip
-    print("$ lw-embed run --output", out, "-- sh -c '<demo workload>'")
-    print("---- workload output " + "-" * 40)
-    rc = subprocess.run(cmd, check=False).returncode
-    print("---- wrapper exited with", rc, "(the workload's exit code)")
-    dec = subprocess.run([sys.executable, "-m", "lw_embed", "decode", out],
-                         capture_output=True, text=True, check=False)  # fmt: skip
-    events = [json.loads(line) for line in dec.stdout.splitlines() if line]
-    show(events)
-    print(f"\nraw events: lw-embed decode {out}")
+    work = tempfile.mkdtemp(prefix="lw-embed-demo-")
+    token_file = os.path.join(work, "token")
+    token = os.urandom(16).hex()
+    with open(token_file, "w") as f:
+        f.write(token)
+    srv, url = start_ingest(work, token_file)
+    env = {**os.environ, "LW_EMBED_TOKEN": token}
+    try:
+        print(f"$ lw-embed ingest --listen 127.0.0.1:0 ...   # bundled backend at {url}")
+        print(f"$ lw-embed run --backend {url} -- sh -c '<demo workload>'")
+        print("---- workload output " + "-" * 40)
+        cmd = [*LW, "run", "--backend", url, "--data-dir", os.path.join(work, "data"),
+               "--", "/bin/sh", "-c", WORKLOAD]  # fmt: skip
+        rc = subprocess.run(cmd, env=env, check=False).returncode
+        print("---- wrapper exited with", rc, "(the workload's exit code)")
+        q = subprocess.run([*LW, "query", "--server", url, "--token-file", token_file],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+        events = sorted((json.loads(line) for line in q.stdout.splitlines() if line),
+                        key=lambda e: e.get("seq", 0))  # fmt: skip
+        show(events)
+        print(f"\nraw events: lw-embed query --server {url} --token-file {token_file}")
+    finally:
+        srv.terminate()
+        srv.wait(10)
     return rc
 
 
