@@ -25,6 +25,8 @@ lint: $(BIN)/lw-embed
 
 bench: $(BIN)/lw-embed
 	$(BIN)/python bench/tracer_overhead.py
+	$(BIN)/python bench/pipeline_bench.py
+	$(BIN)/python bench/ingest_bench.py
 
 clean:
 	rm -rf $(VENV) demo-out
