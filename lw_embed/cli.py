@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -126,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    # Block signals at once: a SIGTERM that arrives while the agent is still starting is
+    # then forwarded to the workload instead of killing PID 1. The original mask goes to
+    # the workload.
+    catchable = {s for s in range(1, signal.NSIG)
+                 if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)}  # fmt: skip
+    orig_mask = frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, catchable))
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -145,7 +152,8 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     faults = frozenset(f for f in env.get("_LW_EMBED_FAULTS", "").split(",") if f)
     path = args.config or env.get("LW_EMBED_CONFIG") or None
-    opts = init.RunOptions(argv=tuple(cmd), config=cfg, config_path=path, faults=faults)
+    opts = init.RunOptions(argv=tuple(cmd), config=cfg, config_path=path, faults=faults,
+                           orig_mask=orig_mask)  # fmt: skip
     return init.run(opts, env)
 
 

@@ -123,7 +123,7 @@ class SignalsConfig:
 @dataclass(frozen=True, slots=True)
 class ShutdownConfig:
     grace: float = field(default=0.0, metadata=_range(0.1, 3600, 0))  # 0 = platform, else 10 s
-    flush: float = field(default=1.0, metadata=_range(0, 60))
+    flush: float = field(default=2.0, metadata=_range(0, 60))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,11 @@ the hot path treat it as "already handled by its exit report".
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno as _errno
 import os
 import struct
 
+from ptrace import ctypes_libc as _libc_mod
 from ptrace.binding import func as _pt
 
 # Requests python-ptrace 0.9.9 does not define (include/uapi/linux/ptrace.h).
@@ -130,7 +130,7 @@ class _IoVec(ctypes.Structure):
     _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = _libc_mod.libc  # python-ptrace's handle on libc (use_errno=True), loaded once
 _pvr = _libc.process_vm_readv
 _pvr.restype = ctypes.c_ssize_t
 _pvr.argtypes = (

@@ -21,13 +21,13 @@ no tracer attached fails the syscall with ENOSYS, which is why the wrapper sets
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ptrace import ctypes_libc as _libc_mod
 from ptrace.syscall.linux import i386 as _i386
 from ptrace.syscall.linux import x86_64 as _x86_64
 
@@ -193,7 +193,7 @@ class _SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = _libc_mod.libc  # python-ptrace's handle on libc (use_errno=True), loaded once
 _prctl = _libc.prctl
 _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
 _prctl.restype = ctypes.c_int

@@ -62,6 +62,8 @@ class RunOptions:
     argv: tuple[str, ...]
     config: Config
     config_path: str | None = None
+    #: the signal mask we were started with, when the caller blocked signals early
+    orig_mask: frozenset[int] | None = None
     faults: frozenset[str] = frozenset()
 
 
@@ -108,6 +110,10 @@ def _exec_workload(argv: Sequence[str], env: dict[str, str], sync_r: int, nnp: b
                 pass  # probed fine but refused now: run unfiltered rather than not at all
         for s in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(s, signal.SIG_IGN if s in ignored else signal.SIG_DFL)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            # Python's own handler: a SIGINT pending for us must not become a
+            # KeyboardInterrupt here; exec would have reset it to the default anyway
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, orig_mask)
         os.execvpe(argv[0], list(argv), env)
     except FileNotFoundError:
@@ -157,6 +163,8 @@ class Core:
     def run(self) -> int:
         cfg = self.cfg
         orig_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CATCHABLE)
+        if self.opts.orig_mask is not None:
+            orig_mask = set(self.opts.orig_mask)
         if os.getpid() != 1:
             with contextlib.suppress(OSError):
                 seccomp.prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -448,7 +456,7 @@ class Core:
         while self.worker_pid and time.monotonic() < end:
             self._wait_worker(min(0.05, max(0.0, end - time.monotonic())))
         if self.worker_pid:
-            log.warning("worker did not finish within %.1fs; killing it", self.flush_budget)
+            log.warning("worker did not finish within %.1fs; killing it", budget)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.worker_pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
