@@ -206,7 +206,7 @@ def test_defaults_without_file() -> None:
     assert cfg.tracer == TracerConfig("auto", "auto", "auto", True, 4096, 256, 4194304)
     assert cfg.processes == ProcessesConfig("auto", 2.0, 8)
     assert cfg.signals == SignalsConfig(pgroup=False)
-    assert cfg.shutdown == ShutdownConfig(grace=0.0, flush=1.0)
+    assert cfg.shutdown == ShutdownConfig(grace=0.0, flush=2.0)
     assert cfg.worker == WorkerConfig(restart_backoff_min=0.5, restart_backoff_max=30.0)
 
 
