@@ -49,6 +49,7 @@ CATCHABLE = frozenset(
     s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)
 )
 FORWARDED = CATCHABLE - {signal.SIGCHLD}
+TERMINAL_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 STATUS_EVERY = 10.0
 TREE_CHECK_EVERY = 0.05
 OUTBOX_FLUSH_AT = 1 << 16
@@ -152,6 +153,8 @@ class Core:
         self.term_at: float | None = None  # first SIGTERM: the platform's grace runs from here
         self.draining = False
         self.tracer: Tracer | None = None
+        self.tty: int | None = None  # the terminal we handed to the workload
+        self._suspend = False
         self.errors: dict[str, int] = {}
         self.recent_traced_exits: dict[int, float] = {}
         self._last_loss: dict[str, int] = {}
@@ -191,6 +194,7 @@ class Core:
         with contextlib.suppress(OSError):
             if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
                 tty = 0
+        self.tty = tty
         child_env = dict(self.env)
         child_env.pop("_LW_EMBED_SIGIGN", None)
         ignored = _inherited_ignored(self.env)
@@ -208,6 +212,7 @@ class Core:
                 pt.seize(pid, ptrace_options(use_filter))
                 self.tracer = Tracer(self.outbox.put, topts)
                 self.tracer.add_root(pid)
+                self.tracer.on_group_stop = self._on_group_stop
             except OSError as exc:
                 use_filter = False
                 technique = "procfs"
@@ -348,6 +353,23 @@ class Core:
             self.term_at = time.monotonic()
             self.deadline = self.term_at + max(0.0, self.grace - self.flush_budget)
 
+    def _on_group_stop(self, tid: int, sig: int) -> None:
+        if self.tty is not None and tid == self.main_pid and sig in TERMINAL_STOPS:
+            self._suspend = True
+
+    def _suspend_with_workload(self) -> None:
+        """Ctrl-Z stopped the workload on our terminal: stop ourselves too, so the shell
+        that started us gets its terminal back ("Stopped"); on ``fg`` (SIGCONT) hand the
+        terminal back to the workload and continue it. What dumb-init does, for a traced
+        workload."""
+        self._suspend = False
+        assert self.tty is not None
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell continues us
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(self.tty, self.main_pid)  # SIGTTOU is blocked
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.main_pid, signal.SIGCONT)
+
     def _begin_drain(self) -> None:
         """The main child is gone: give the rest of the tree SIGTERM and its grace."""
         self.draining = True
@@ -357,6 +379,9 @@ class Core:
 
     def _step(self) -> bool:
         """Housekeeping after each wake; True when the core should stop."""
+        if self._suspend:
+            self.outbox.flush()
+            self._suspend_with_workload()
         now = time.monotonic()
         restart = self.worker_restart_at
         if self.worker_pid == 0 and restart is not None and now >= restart:

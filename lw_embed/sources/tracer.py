@@ -112,6 +112,8 @@ class Tracer:
         self.stops = 0
         self.stops_by: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        #: called with (tid, signal) when a tracee enters a job-control stop
+        self.on_group_stop: Callable[[int, int], None] | None = None
 
     # -- bookkeeping -------------------------------------------------------------------
     def add_root(self, pid: int) -> None:
@@ -147,6 +149,8 @@ class Tracer:
                 if sig in _GROUP_STOP_SIGNALS:
                     self._count("group_stop")
                     listen = True
+                    if self.on_group_stop is not None:
+                        self.on_group_stop(tid, sig)
                 else:
                     self._count("event_stop")
             elif event == pt.PTRACE_EVENT_EXEC:

@@ -12,8 +12,10 @@ import fcntl
 import os
 import random
 import select
+import shlex
 import signal
 import struct
+import subprocess
 import sys
 import termios
 import time
@@ -406,6 +408,51 @@ def test_job_control_in_interactive_bash(wrapper: Any, tmp_path: Path) -> None:
         tty.send(b"kill %1; sleep 0.2; echo JOB''DONE; exit 0\n")
         tty.expect(b"JOBDONE")
         assert tty.proc.wait(timeout=10) == 0
+    finally:
+        tty.close()
+
+
+def test_ctrl_z_suspends_the_wrapper_and_fg_resumes_it(wrapper: Any, tmp_path: Path) -> None:
+    """The shell that started the wrapper gets its terminal back on Ctrl-Z (the wrapper
+    stops itself along with the workload) and ``fg`` continues both."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LW_EMBED_")}
+    env.update({"TERM": "dumb", "PS1": "PROMPT$ ", "INPUTRC": "/dev/null",
+                "HISTFILE": str(tmp_path / "bash_history")})  # fmt: skip
+    master, slave = os.openpty()
+    try:
+        shell = subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], stdin=slave,
+                                 stdout=slave, stderr=slave, env=env, cwd=str(tmp_path),
+                                 start_new_session=True, preexec_fn=_make_ctty)  # fmt: skip
+    finally:
+        os.close(slave)
+    wrapper.started.append(shell)
+    tty = Pty.__new__(Pty)
+    tty.master, tty.proc, tty.buf, tty.pos = master, shell, b"", 0
+    try:
+        tty.expect(b"PROMPT$ ")
+        script = "sleep 1.5; echo RESUMED''-OK"
+        cmd = " ".join(shlex.quote(a) for a in wrapper.argv(["sh", "-c", script]))
+        tty.send(cmd.encode() + b"\n")
+        def sleeping() -> bool:
+            for p in wrapper.descendants(shell.pid):
+                try:
+                    if Path(f"/proc/{p}/comm").read_text().strip() == "sleep":
+                        return True
+                except OSError:
+                    continue
+            return False
+
+        wrapper.wait_for(sleeping, 10, "the workload's sleep")
+        time.sleep(0.2)
+        tty.send(b"\x1a")  # Ctrl-Z: the workload's group stops, so must the wrapper
+        tty.expect(b"Stopped")
+        tty.expect(b"PROMPT$ ")  # the shell has its terminal back
+        tty.send(b"fg\n")
+        tty.expect(b"RESUMED-OK")
+        tty.send(b"echo EXIT''=$?\n")
+        tty.expect(b"EXIT=0")
+        tty.send(b"exit 0\n")
+        assert shell.wait(timeout=10) == 0
     finally:
         tty.close()
 
