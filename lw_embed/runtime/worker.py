@@ -59,6 +59,7 @@ from lw_embed.config import (
 )
 from lw_embed.errors import ConfigError, LwEmbedError, RecordError
 from lw_embed.events import AgentCapabilities, AgentConfigRejected, AgentLoss, AgentStatus, Event
+from lw_embed.fsutil import write_atomic
 from lw_embed.kernel import procfs
 from lw_embed.pipeline.aggregate import Aggregator
 from lw_embed.pipeline.enrich import PROCESS_RECORDS, ProcessTable
@@ -170,13 +171,8 @@ def instance_id_of(spool_dir: str) -> str:
     except (OSError, UnicodeDecodeError):
         pass
     value = os.urandom(8).hex()
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w", encoding="ascii") as f:
-            f.write(value + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, (value + "\n").encode())
     except OSError as exc:
         log.warning("cannot keep the instance id in %s: %s", spool_dir, exc)
     return value

@@ -21,13 +21,12 @@ Failure modes: every failure (ENOSPC, EACCES, EROFS, a vanished directory, ...) 
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import re
 
+from lw_embed.fsutil import write_atomic
+
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_counter = itertools.count()
 
 
 def batch_name(instance_id: str, seq_first: int) -> str:
@@ -58,31 +57,9 @@ class FileSink:
         name = batch_name(instance_id, seq_first)
         self._ensure_dir()
         final = os.path.join(self.directory, name)
-        tmp = os.path.join(self.directory, f".{name}.{os.getpid()}.{next(_counter)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            write_atomic(final, data)
         except FileNotFoundError:
             self._made = False  # the directory vanished: make it again on the next write
             raise
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self._sync_dir()
         return final
-
-    def _sync_dir(self) -> None:
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)

@@ -41,6 +41,7 @@ from typing import Any
 
 import cbor2
 
+from lw_embed.fsutil import write_atomic
 from lw_embed.spool._frames import HEADER, HEADER_SIZE, ChunkReader, Ranges, frame_blob
 
 STATE = "state"
@@ -289,17 +290,7 @@ class Store:
         return hwm
 
     def _write_atomic(self, name: str, data: bytes) -> None:
-        path = os.path.join(self.dir, name)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _OPEN_FLAGS, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(os.path.join(self.dir, name), data, sync_dir=False)  # caller syncs dir
 
     def write_snapshot(self, payload: bytes, gen: int, next_seq: int) -> None:
         """New state (``payload`` from :func:`snapshot_payload`, generation ``gen``), then a
@@ -325,6 +316,9 @@ class Store:
         os.fdatasync(self.jfd)
 
     def remove_tmp(self) -> None:
-        for name in (STATE, JOURNAL):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.dir, name + ".tmp"))
+        """Temp files of a write_atomic a crash interrupted (``.state.<pid>.<n>.tmp``)."""
+        prefixes = tuple(f".{name}." for name in (STATE, JOURNAL))
+        for name in os.listdir(self.dir):
+            if name.startswith(prefixes) and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dir, name))
