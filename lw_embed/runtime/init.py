@@ -44,6 +44,8 @@ from lw_embed.sources.tracer import Tracer, TracerOptions, ptrace_options, secco
 log = logging.getLogger("lw_embed.core")
 
 PR_SET_CHILD_SUBREAPER = 36
+#: the worker finds the record pipe on this fd (lw_embed.runtime.worker.RECORD_FD)
+RECORD_FD = 3
 #: glibc keeps 32 and 33 for itself; everything else that can be caught is ours to pass on
 CATCHABLE = frozenset(
     s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)
@@ -140,7 +142,6 @@ class Core:
         plat = detect.detect(env)
         self.grace = detect.shutdown_grace(self.cfg.shutdown.grace, plat)
         self.flush_budget = min(self.cfg.shutdown.flush, self.grace / 2)
-        self.platform = plat
         self.instance_id = self.cfg.agent.instance_id  # "" = the worker keeps one per spool
         self.main_pid = 0
         self.main_status: int | None = None
@@ -182,6 +183,9 @@ class Core:
                            want_seccomp=bool(rules))  # fmt: skip
         technique = caps.techniques["processes"]
         r, w = os.pipe2(os.O_CLOEXEC)
+        if r == RECORD_FD:  # dup2 onto itself would keep CLOEXEC on some libcs
+            r, old = os.dup(r), r
+            os.close(old)
         self.pipe_r = r
         self.outbox = Outbox(w, cfg.tracer.buffer_bytes)
         self._start_worker()
@@ -215,7 +219,6 @@ class Core:
                 self.tracer.on_group_stop = self._on_group_stop
             except OSError as exc:
                 use_filter = False
-                technique = "procfs"
                 caps.techniques.update({"processes": "procfs", "network.connect": "none"})
                 caps.reasons["processes"] = f"PTRACE_SEIZE of the workload failed: {exc}"
         os.write(sync_w, b"F" if use_filter else b"N")
@@ -245,12 +248,13 @@ class Core:
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
-            (os.POSIX_SPAWN_DUP2, rfd, 3),
+            (os.POSIX_SPAWN_DUP2, rfd, RECORD_FD),
         ]
         try:
             self.worker_pid = os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-m", "lw_embed.runtime.worker"],
+                # -P: never import from the working directory (we run as root)
+                [sys.executable, "-P", "-m", "lw_embed.runtime.worker"],
                 env,
                 file_actions=actions,
                 setsigmask=(),
