@@ -165,7 +165,8 @@ class Shipper:
         self._draining_until = deadline
         self.notify()
         if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()) + 2.0)
+            # sends in flight are abandoned at the deadline; the thread ends right after
+            self._thread.join(max(0.0, deadline - time.monotonic()) + 0.3)
 
     # -- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -215,7 +216,11 @@ class Shipper:
             items = self.spool.lease(lim.max_events, lim.max_bytes)
             if not items:
                 return shipped
-            await self._ship(items)
+            try:
+                await self._ship(items)
+            except BaseException:
+                self.spool.release([i.seq for i in items])  # never strand a lease
+                raise
             shipped = True
         return shipped
 
