@@ -189,3 +189,22 @@ def test_bytes_rendered_as_hex() -> None:
     assert to_json_line({"kind": "x", "time": 1, "raw": b"\x00\xff"}) == (
         '{"kind":"x","raw":"00ff","time":1}'
     )
+
+
+def test_a_spool_directory_decodes_and_a_damaged_tail_is_reported(tmp_path: Path) -> None:
+    from lw_embed.spool import Spool
+
+    sp = Spool(str(tmp_path / "spool"), max_bytes=1 << 22, segment_bytes=1 << 20,
+               sync_interval=0.1)  # fmt: skip
+    sp.open()
+    seqs = [sp.append({"kind": "process.exec", "time": i, "pid": i}) for i in range(5)]
+    sp.close()
+    out, err = io.StringIO(), io.StringIO()
+    assert main([str(tmp_path / "spool")], out, err) == 0, err.getvalue()
+    got = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["seq"] for e in got] == seqs and [e["pid"] for e in got] == list(range(5))
+    seg = next(p for p in (tmp_path / "spool").iterdir() if p.suffix == ".seg")
+    seg.write_bytes(seg.read_bytes()[:-3])
+    out, err = io.StringIO(), io.StringIO()
+    assert main([str(seg)], out, err) == 1
+    assert len(out.getvalue().splitlines()) == 4 and seg.name in err.getvalue()
