@@ -263,3 +263,43 @@ def test_agent_processes_are_never_reported(tmp_path: Path) -> None:
     assert worker is not None
     assert p.pid not in pids and worker not in pids
     assert pids  # the sleep itself was reported
+
+
+def test_a_process_entering_the_container_is_reported_by_the_reconciler(tmp_path: Path) -> None:
+    """As PID 1 of a pid namespace, the agent covers the whole namespace: a process that
+    joins it from outside (like `docker exec`) is not traced, but /proc reconciliation
+    reports it."""
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        pytest.fail("unshare and nsenter (util-linux) are required; .ci/run installs them")
+    cfg = "[processes]\nreconcile_interval = 0.2\n"
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc",
+                              *wrapper_cmd(tmp_path, "/bin/sleep", "4", config=cfg)])  # fmt: skip
+    try:
+        core = None
+        deadline = time.monotonic() + 10
+        while core is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            kids = [p for p in procfs.list_pids() if _ppid(p) == outer.pid]
+            core = kids[0] if kids else None
+        assert core is not None
+        time.sleep(0.5)
+        visitor = subprocess.run(["nsenter", "--target", str(core), "--pid", "--mount", "--",
+                                  "/bin/sh", "-c", "exec /bin/sleep 1.5"], timeout=20)  # fmt: skip
+        assert visitor.returncode == 0
+        assert outer.wait(timeout=30) == 0
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
+    execs = events(tmp_path, "process.exec")
+    visit = [e for e in execs if e["argv"] == ["/bin/sleep", "1.5"]]
+    assert visit and visit[0]["source"] == "procfs"
+    main = [e for e in execs if e["argv"] == ["/bin/sleep", "4"]]
+    assert main and main[0]["source"] == "ptrace"
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return procfs.read_stat(pid).ppid
+    except OSError:
+        return -1
