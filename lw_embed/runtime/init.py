@@ -22,12 +22,15 @@ it died of signal N, 127/126 if CMD is missing / not executable.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
 import sys
+import termios
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,9 +54,13 @@ CATCHABLE = frozenset(
     s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)
 )
 FORWARDED = CATCHABLE - {signal.SIGCHLD}
+#: held blocked in a new worker until its handlers are in place (a SIGHUP would kill it)
+WORKER_HELD = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
 TERMINAL_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 STATUS_EVERY = 10.0
 TREE_CHECK_EVERY = 0.05
+#: workers started anew during shutdown when one dies with records still to hand over
+FINISH_RESTARTS = 3
 OUTBOX_FLUSH_AT = 1 << 16
 LOSS_EVERY = 1.0
 #: what the core keeps for itself at the end of the platform's grace
@@ -68,6 +75,12 @@ class RunOptions:
     #: the signal mask we were started with, when the caller blocked signals early
     orig_mask: frozenset[int] | None = None
     faults: frozenset[str] = frozenset()
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.WEXITSTATUS(status)}"
 
 
 def exit_code(status: int) -> int:
@@ -150,6 +163,7 @@ class Core:
         self.worker_restart_at: float | None = None
         self.worker_backoff = self.cfg.worker.restart_backoff_min
         self.worker_restarts = 0
+        self.worker_status: int | None = None  # wait status of the last worker that ended
         self.deadline: float | None = None  # when what is left of the tree gets SIGKILL
         self.term_at: float | None = None  # first SIGTERM: the platform's grace runs from here
         self.draining = False
@@ -257,7 +271,7 @@ class Core:
                 [sys.executable, "-P", "-m", "lw_embed.runtime.worker"],
                 env,
                 file_actions=actions,
-                setsigmask=(),
+                setsigmask=WORKER_HELD,  # until it has handlers (it unblocks them)
                 setsigdef=CATCHABLE,
             )
             self.worker_started = time.monotonic()
@@ -327,8 +341,9 @@ class Core:
                 self.recent_traced_exits[pid] = time.monotonic()
             elif pid == self.worker_pid:
                 self.worker_pid = 0
+                self.worker_status = status
                 if not self.draining:
-                    log.warning("worker exited (status %d); restarting", status)
+                    log.warning("worker ended (%s); restarting", _describe_status(status))
                 self.worker_restarts += 1
                 self._schedule_worker_restart()
                 continue
@@ -477,26 +492,41 @@ class Core:
         self._send_status()
         self._send_loss()
         self.outbox.put(frame(R.SHUTDOWN, time.time_ns(), "workload exited", budget - 0.1))
-        if self.worker_pid == 0:
-            self._start_worker()
-        while not self.outbox.flush() and time.monotonic() < end and self.worker_pid:
-            self._wait_worker(0.01)
-        self.outbox.close()
-        while self.worker_pid and time.monotonic() < end:
-            self._wait_worker(min(0.05, max(0.0, end - time.monotonic())))
+        closed = False
+        restarts = 0
+        while time.monotonic() < end:
+            if not self.worker_pid:
+                left = self.outbox.pending + self._pipe_unread()
+                if self.worker_status == 0 or not left:
+                    break  # it drained and exited, or died with nothing left to hand over
+                if restarts == FINISH_RESTARTS:
+                    break
+                restarts += 1  # died while records wait: a new one takes what is left
+                self._start_worker()
+                if not self.worker_pid:
+                    break
+            if not closed and self.outbox.flush():
+                self.outbox.close()  # EOF tells the worker everything was handed over
+                closed = True
+            self._wait_worker(min(0.02, max(0.0, end - time.monotonic())))
         if self.worker_pid:
             log.warning("worker did not finish within %.1fs; killing it", budget)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.worker_pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.worker_pid, 0)
+        lost = self.outbox.pending + self._pipe_unread()
+        if lost:
+            log.warning("%d bytes of records could not be handed to a worker before exit", lost)
+        if not closed:
+            self.outbox.close()
         os.close(self.pipe_r)
 
     def _wait_worker(self, timeout: float) -> None:
         signal.sigtimedwait({signal.SIGCHLD}, timeout)
         while True:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG | pt.WALL)
+                pid, status = os.waitpid(-1, os.WNOHANG | pt.WALL)
             except ChildProcessError:
                 self.worker_pid = 0
                 return
@@ -504,6 +534,16 @@ class Core:
                 return
             if pid == self.worker_pid:
                 self.worker_pid = 0
+                self.worker_status = status
+
+    def _pipe_unread(self) -> int:
+        """Bytes written to the record pipe that no worker has read yet."""
+        buf = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.pipe_r, termios.FIONREAD, buf)
+        except OSError:
+            return 0
+        return buf[0]
 
 
 def run(opts: RunOptions, env: Mapping[str, str] | None = None) -> int:

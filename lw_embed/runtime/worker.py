@@ -264,6 +264,17 @@ class Worker:
         a = cfg.aggregate
         self.aggregator = Aggregator(a.window, a.max_groups, a.keys, mono)
         self.watcher = RulesWatcher(spec.config_path, mono, env)
+        self._start_error: str | None = None
+        if spec.config_path:
+            # the file may have been edited since the core read it (a hot reload before
+            # this worker replaced a dead one): run the rules it holds now
+            res = self.watcher.try_reload(cfg)
+            if res.ok and res.config is not None and res.program is not None:
+                self.cfg, self.program = res.config, res.program
+                ra = res.config.aggregate
+                self.aggregator.reconfigure(ra.window, ra.max_groups, ra.keys)
+            else:
+                self._start_error = res.error
         o = cfg.output
         self.limits = ShipperLimits(o.batch_max_events, o.batch_max_bytes, o.batch_max_age)
         self.shipper = Shipper(
@@ -299,8 +310,13 @@ class Worker:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         for sig in (signal.SIGTTOU, signal.SIGTTIN):  # a terminal belongs to the workload
             signal.signal(sig, signal.SIG_IGN)
+        # the core starts us with these blocked, so none could kill us before now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
         os.set_blocking(self.fd, False)
         self.shipper.start()
+        if self._start_error is not None:
+            self._accept(AgentConfigRejected(time=self.wall(), path=self.watcher.path or "",
+                                             error=self._start_error).to_wire())  # fmt: skip
         log.info("started: scope %s, instance %s, seq %d", self.spec.scope,
                  self.agent.instance_id, self.spool.next_seq)  # fmt: skip
         while self._read() >= READ_BUDGET:  # what the core buffered before we started
