@@ -26,17 +26,5 @@ class ConfigError(LwEmbedError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
-class ProbeError(LwEmbedError):
-    """A capability probe could not run at all (not: the capability is missing)."""
-
-
-class TracerError(LwEmbedError):
-    """A ptrace or seccomp operation failed in a way the tracer cannot absorb."""
-
-
 class RecordError(LwEmbedError):
     """A core->worker record or a batch file is malformed."""
-
-
-class SpawnError(LwEmbedError):
-    """The workload could not be started."""

@@ -96,10 +96,6 @@ def interrupt(pid: int) -> None:
     _call(PTRACE_INTERRUPT, pid, 0, 0)
 
 
-def detach(pid: int, sig: int = 0) -> None:
-    _call(PTRACE_DETACH, pid, 0, sig)
-
-
 _msg = ctypes.c_ulong()
 _msg_addr = ctypes.addressof(_msg)
 
