@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from lw_embed.kernel import procfs
 from tests.linux.conftest import clean_env, kill_tree, run_cli, wait_for
 
 PY = sys.executable
@@ -70,17 +71,13 @@ def write_atomic_text(path: Path, text: str) -> None:
 def children(pid: int) -> list[int]:
     """Live (non-zombie) children of ``pid``, by the PPid field of /proc/*/stat."""
     out: list[int] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for child in procfs.list_pids():
         try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
+            st = procfs.read_stat(child)
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            out.append(int(name))
+        if st.state != "Z" and st.ppid == pid:
+            out.append(child)
     return out
 
 
