@@ -75,6 +75,8 @@ from lw_embed.runtime.shipper import (
 )
 from lw_embed.sinks.files import FileSink
 from lw_embed.sinks.http import HttpSender
+from lw_embed.sources import base as sources_base
+from lw_embed.sources.base import SourceContext, WorkerSource
 from lw_embed.sources.procfs import SCOPES, Reconciler
 from lw_embed.spool import Spool, SpoolError, SpoolLocked
 
@@ -241,6 +243,7 @@ class Worker:
         proc: str = procfs.PROC,
         wall: Callable[[], int] = time.time_ns,
         mono: Callable[[], float] = time.monotonic,
+        sources: Sequence[WorkerSource] | None = None,
     ) -> None:
         cfg = spec.config
         self.spec, self.cfg, self.fd, self.wall, self.mono = spec, cfg, fd, wall, mono
@@ -299,6 +302,14 @@ class Worker:
         self.filtered = self.bytes_read = 0
         self._reconcile_every = cfg.processes.reconcile_interval
         self._reconcile_at: float | None = None
+        self.source_failures: list[sources_base.Failed] = []
+        if sources is None:
+            ctx = SourceContext(cfg, spec.mode, spec.scope, self.table, proc,
+                                resolved_data_dir(cfg, uid, env), spec.core_pid, wall, mono)
+            built, self.source_failures = sources_base.build(ctx)
+            sources = built
+        self.sources: list[WorkerSource] = list(sources)
+        self._source_errors: dict[str, int] = {}
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -327,8 +338,9 @@ class Worker:
             self.reconciler.reconcile(self.mono())
             self._reconcile_at = self.mono() + min(self._reconcile_every, 1.0)
         while not self._eof:
+            by_fd = {fd: src for src in self.sources if (fd := src.fileno()) is not None}
             try:
-                ready = select.select([self.fd, wake_r], [], [], self._timeout())[0]
+                ready = select.select([self.fd, wake_r, *by_fd], [], [], self._timeout())[0]
             except OSError as exc:
                 log.error("select on the record pipe failed: %s", exc)
                 break
@@ -337,6 +349,7 @@ class Worker:
                     os.read(wake_r, 4096)
             if self.fd in ready:
                 self._read()
+            self._poll_sources({by_fd[fd] for fd in ready if fd in by_fd})
             self._tick()
         if self._reconcile_at is not None:
             self._reconcile(self.mono(), final=True)  # nothing is in flight any more
@@ -354,6 +367,10 @@ class Worker:
             ts.append(deadline)
         if self._reconcile_at is not None:
             ts.append(self._reconcile_at)
+        for src in self.sources:
+            due = src.next_due()
+            if due is not None:
+                ts.append(due)
         return max(0.0, min(ts) - now)
 
     @property
@@ -412,7 +429,7 @@ class Worker:
         if rtype in PROCESS_RECORDS:
             self._emit(self.table.apply(rec))
         elif rtype == R.CAPS:
-            self._emit(AgentCapabilities(time=t, report=_map(f[0])))
+            self._emit(AgentCapabilities(time=t, report=self._with_sources(_map(f[0]))))
         elif rtype == R.LOSS:
             raw = _map(f[0])
             if not all(isinstance(k, str) and _is_int(v) for k, v in raw.items()):
@@ -436,6 +453,37 @@ class Worker:
             log.info("core shutting down (%s): %.1fs to drain", f[0], self._budget)
         for missed in self.table.drain_missed():
             self._emit(missed)
+        for src in self.sources:
+            self._guarded(src, src.observe, rec)
+
+    # -- sources --------------------------------------------------------------------------
+    def _poll_sources(self, ready: set[WorkerSource]) -> None:
+        now = self.mono()
+        for src in self.sources:
+            due = src.next_due()
+            if src in ready or (due is not None and due <= now):
+                self._guarded(src, src.poll, now)
+
+    def _guarded(self, src: WorkerSource, fn: Callable[[Any], Any], arg: Any) -> None:
+        """Run one source call and emit what it returns; its errors are counted."""
+        try:
+            for ev in fn(arg):
+                self._emit(ev)
+        except Exception:
+            key = f"{src.name}.error"
+            n = self._source_errors[key] = self._source_errors.get(key, 0) + 1
+            if n == 1:
+                log.exception("source %s failed (counted as %s; it keeps running)", src.name, key)
+
+    def _with_sources(self, report: dict[Any, Any]) -> dict[Any, Any]:
+        """The core's capability report with the worker's own sources added."""
+        techniques = dict(_map(report.get("techniques") or {}))
+        reasons = dict(_map(report.get("reasons") or {}))
+        for src in self.sources:
+            techniques[src.name], reasons[src.name] = src.technique()
+        for failed in self.source_failures:
+            techniques[failed.name], reasons[failed.name] = "none", failed.reason
+        return {**report, "reasons": reasons, "techniques": techniques}
 
     def _reconcile(self, now: float, final: bool = False) -> None:
         result = self.reconciler.reconcile(now, final)
@@ -480,6 +528,7 @@ class Worker:
             "spool.pending": st.pending,
             "spool.bytes": st.bytes,
             "shipper.batches": self.shipper.batches,
+            **{k: v for src in self.sources for k, v in src.metrics().items()},
         }
 
     # -- events, loss and shipping --------------------------------------------------------
@@ -531,7 +580,9 @@ class Worker:
         """Cumulative drops by reason: the core's, the worker's and the spool's."""
         self._sync_counts()
         out = dict(self.core_totals)
-        for k, v in (*self.counts.items(), *self.spool.stats().dropped.items()):
+        losses = [kv for src in self.sources for kv in src.losses().items()]
+        for k, v in (*self.counts.items(), *self._source_errors.items(), *losses,
+                     *self.spool.stats().dropped.items()):  # fmt: skip
             if v:
                 out[k] = out.get(k, 0) + v
         return out
@@ -546,6 +597,8 @@ class Worker:
     def _finish(self) -> None:
         """At EOF: fold what is left, report the loss, ship by priority within the budget,
         and keep the rest durable in the spool for the next start."""
+        for src in self.sources:
+            self._guarded(src, lambda s: s.close(), src)  # their last events
         for ev in self.aggregator.flush(force=True):
             self._accept(ev)
         self._report_loss(final=True)
