@@ -477,6 +477,8 @@ class Worker:
 
     def _with_sources(self, report: dict[Any, Any]) -> dict[Any, Any]:
         """The core's capability report with the worker's own sources added."""
+        if not self.sources and not self.source_failures:
+            return report
         techniques = dict(_map(report.get("techniques") or {}))
         reasons = dict(_map(report.get("reasons") or {}))
         for src in self.sources:
