@@ -275,8 +275,15 @@ def recover(directory: str, store: Store, quarantine: Quarantine) -> Recovered:
         if n > 0:
             counts[reason] = counts.get(reason, 0) + n
 
-    files = list_segments(directory)
-    present = {num for _, num, _ in files}
+    def ours(cls: int, num: int) -> bool:
+        """The state knows segment ``num`` and in this class (-1: any class)."""
+        k = p.segs.get(num)
+        return k is not None and k.cls in (-1, cls)
+
+    # numbers are unique across classes: where two files share one, the file the state
+    # knows comes first and any other is foreign (quarantined), never the other way round
+    files = sorted(list_segments(directory), key=lambda f: (f[1], not ours(f[0], f[1])))
+    present = {num for cls, num, _ in files if ours(cls, num)}
     for num, k in p.segs.items():
         if num not in present:
             count(EVICTED if k.doomed else MISSING, k.n - k.done_count - k.evicted)
@@ -285,9 +292,7 @@ def recover(directory: str, store: Store, quarantine: Quarantine) -> Recovered:
     found: list[Found] = []
     for cls, num, name in files:
         path = os.path.join(directory, name)
-        known = p.segs.get(num)
-        if known is not None and known.cls not in (-1, cls):
-            known = None
+        known = p.segs.get(num) if ours(cls, num) else None
         if num in seen or (known is not None and known.doomed):
             if known is not None:  # evicted; the unlink did not happen before the crash
                 count(EVICTED, known.n - known.done_count - known.evicted)

@@ -555,6 +555,23 @@ def test_segment_of_random_garbage(tmp_path: Path) -> None:
     s.close()
 
 
+def test_foreign_file_with_the_number_of_a_real_segment(tmp_path: Path) -> None:
+    """A stray ``p0-N.seg`` beside the real ``p2-N.seg`` is quarantined; the real one
+    keeps its events (it is not mistaken for a leftover evicted segment)."""
+    s = make(tmp_path)
+    appended = [s.append(ev("agent.status", i)) for i in range(4)]
+    s.close()
+    (real,) = segments(tmp_path, 2)
+    foreign = tmp_path / real.name.replace("p2-", "p0-")
+    foreign.write_bytes(random.Random(3).randbytes(512))
+    s = make(tmp_path)
+    st = invariant(s)
+    assert st.dropped == {"spool.corrupt": 1}
+    assert real.exists() and not foreign.exists()
+    assert seqs(drain(s)) == appended
+    s.close()
+
+
 def test_deleted_segment(tmp_path: Path) -> None:
     s = make(tmp_path)
     for i in range(12):
