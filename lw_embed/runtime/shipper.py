@@ -11,7 +11,9 @@ Cost: per batch, a decode of each event's ``exec_id`` (to attach the process rec
 batch refers to), one splice of the already-encoded events
 (:func:`~lw_embed.codec.encode_batch_raw`) and, for HTTP, one brotli compression at
 quality 4-5 (a few ms per MB). It wakes once per ``max_age`` or when the worker says a full
-batch is waiting; idle, it sleeps.
+batch is waiting; idle, it sleeps. Full batches go at once; a batch that is not full goes
+at most once per ``max_age`` (so a trickle is one request per ``max_age``, not one per
+event), except while draining.
 
 Failure modes: data leaves the spool only when the sink delivered it (ack), when the
 receiver rejected it for good (dropped under ``http_<code>`` and kept in the dead-letter
@@ -143,6 +145,8 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self._draining_until: float | None = None
         self._started = threading.Event()
+        #: a batch that is not full waits until then (one partial batch per max_age)
+        self._next_partial = 0.0
         self.batches = 0
         self.delivered = 0
         self.errors = 0
@@ -192,8 +196,11 @@ class Shipper:
                 if self._draining_until is not None and not shipped:
                     break  # drained: nothing left to lease
                 if not shipped:
+                    wait = self.limits.max_age
+                    if self._partial_waiting():
+                        wait = max(0.01, self._next_partial - time.monotonic())
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.limits.max_age)
+                        await asyncio.wait_for(self._wake.wait(), wait)
                     self._wake.clear()
         finally:
             watchdog.cancel()
@@ -208,14 +215,28 @@ class Shipper:
                 return
             await asyncio.sleep(0.05)
 
+    def _partial_waiting(self) -> bool:
+        """Fewer events pending than a full batch, and too soon for another partial one:
+        a steady trickle then goes out as one batch per ``max_age``, not a tail of tiny
+        batches (each a request and a transaction at the receiver). Never while draining."""
+        if self._draining_until is not None:
+            return False
+        pending = self.spool.stats().pending
+        return 0 < pending < self.limits.max_events and time.monotonic() < self._next_partial
+
     async def _ship_available(self) -> bool:
-        """Lease and ship batches until the spool has nothing left; True if any shipped."""
+        """Lease and ship batches until the spool has nothing left (or only a partial
+        batch that must wait); True if any shipped."""
         shipped = False
         lim = self.limits
         while self._stop is not None and not self._stop.is_set():
+            if self._partial_waiting():
+                return shipped
             items = self.spool.lease(lim.max_events, lim.max_bytes)
             if not items:
                 return shipped
+            if len(items) < lim.max_events:
+                self._next_partial = time.monotonic() + lim.max_age
             try:
                 await self._ship(items)
             except BaseException:

@@ -172,3 +172,24 @@ def test_events_keep_their_exact_bytes(tmp_path: Path) -> None:
     sink = ScriptedSink(ok)
     ship_all(sp, sink, tmp_path)
     assert [cbor2.dumps(e) for e in sink.batches[0]["events"]] == raw  # type: ignore[attr-defined]
+
+
+def test_a_trickle_goes_out_as_one_partial_batch_per_max_age(tmp_path: Path) -> None:
+    """Events appended one by one (as a steady workload makes them) are not shipped as a
+    tail of tiny batches: at most one partial batch per max_age, a full one at once."""
+    sp = spool_with(tmp_path, 0)
+    sink = ScriptedSink(ok)
+    sh = Shipper(sp, sink, AgentIdentity("inst", "0", "wrapper"),
+                 ShipperLimits(1000, 1 << 20, 0.5),
+                 resource=dict, processes=lambda ids: [], loss=dict)  # fmt: skip
+    sh.start()
+    t0 = time.monotonic()
+    for i in range(60):  # about 1.2 s of one event every 20 ms
+        sp.append({"kind": "process.exec", "time": i})
+        sh.notify()  # the worker's wake-up after an append must not force a batch
+        time.sleep(0.02)
+    elapsed = time.monotonic() - t0
+    sh.drain(time.monotonic() + 5)
+    assert sp.stats().delivered == 60
+    # one batch per 0.5 s of trickle (plus the first and the drain), never one per event
+    assert len(sink.batches) <= elapsed / 0.5 + 2, [len(b["events"]) for b in sink.batches]  # type: ignore[arg-type]
