@@ -1,10 +1,16 @@
-"""Which platform we run on, from the environment alone (no network).
+"""Which platform we run on, and the grace it gives between SIGTERM and SIGKILL.
 
 Interface: environment variables set by the platform (``K_SERVICE``, ``CLOUD_RUN_JOB``,
-``AWS_EXECUTION_ENV``, ``ECS_CONTAINER_METADATA_URI_V4``, ``KUBERNETES_SERVICE_HOST``).
+``AWS_EXECUTION_ENV``, ``ECS_CONTAINER_METADATA_URI_V4``, ``KUBERNETES_SERVICE_HOST``), the
+files ``/.dockerenv`` and ``/run/.containerenv``; optionally an
+:class:`lw_embed.platform.identity.Identity` that was detected with the metadata
+endpoints (its platform wins: the ECS task document's ``LaunchType`` tells Fargate from
+EC2, and a stop timeout it learnt is the grace).
 
-Capability: none. Cost: a few dict lookups. Failure modes: none; an unknown platform is
-``"container"`` or ``"host"`` with the generic grace period.
+Capability: none. Cost: a few dict lookups and two ``stat``; no network here.
+
+Failure modes: none; an unknown platform is ``"container"`` or ``"host"`` with the generic
+grace period.
 """
 
 from __future__ import annotations
@@ -12,9 +18,25 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lw_embed.platform.identity import Identity
 
 #: grace between SIGTERM and SIGKILL when we do not know the platform (docker stop's)
 DEFAULT_GRACE = 10.0
+
+#: the grace each platform gives by default: Cloud Run 10 s; ECS/Fargate the container's
+#: ``stopTimeout`` (30 s unless the task definition says otherwise, at most 120 s on
+#: Fargate); Kubernetes ``terminationGracePeriodSeconds`` (30 s by default)
+PLATFORM_GRACE = {
+    "cloudrun": 10.0,
+    "fargate": 30.0,
+    "ecs": 30.0,
+    "kubernetes": 30.0,
+    "container": DEFAULT_GRACE,
+    "host": DEFAULT_GRACE,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,21 +45,33 @@ class Platform:
     grace: float  # seconds the platform gives between SIGTERM and SIGKILL
 
 
-def detect(env: Mapping[str, str] | None = None) -> Platform:
-    env = os.environ if env is None else env
+def platform_name(env: Mapping[str, str], root: str = "/") -> str:
+    """The platform from the environment alone (``root``: where ``/.dockerenv`` is looked for)."""
     if env.get("K_SERVICE") or env.get("CLOUD_RUN_JOB"):
-        return Platform("cloudrun", 10.0)
+        return "cloudrun"
     if env.get("AWS_EXECUTION_ENV") == "AWS_ECS_FARGATE":
-        return Platform("fargate", 30.0)
+        return "fargate"
     if env.get("ECS_CONTAINER_METADATA_URI_V4") or env.get("AWS_EXECUTION_ENV", "").startswith(
         "AWS_ECS"
     ):
-        return Platform("ecs", 30.0)
+        return "ecs"
     if env.get("KUBERNETES_SERVICE_HOST"):
-        return Platform("kubernetes", 30.0)
-    if os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"):
-        return Platform("container", DEFAULT_GRACE)
-    return Platform("host", DEFAULT_GRACE)
+        return "kubernetes"
+    if os.path.exists(os.path.join(root, ".dockerenv")) or os.path.exists(
+        os.path.join(root, "run/.containerenv")
+    ):
+        return "container"
+    return "host"
+
+
+def detect(env: Mapping[str, str] | None = None, identity: Identity | None = None) -> Platform:
+    """The platform and its grace; ``identity`` (when given) refines both."""
+    if identity is not None:
+        name = identity.platform
+        grace = float(identity.stop_timeout) if identity.stop_timeout > 0 else None
+        return Platform(name, grace or PLATFORM_GRACE.get(name, DEFAULT_GRACE))
+    name = platform_name(os.environ if env is None else env)
+    return Platform(name, PLATFORM_GRACE[name])
 
 
 def shutdown_grace(configured: float, plat: Platform) -> float:

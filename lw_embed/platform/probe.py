@@ -1,6 +1,7 @@
 """Capability probes: what the agent may do here, decided by trying, not by reading bits.
 
-Interface: ``/proc/self/status`` (CapEff, NoNewPrivs, Seccomp), ``/proc/version``,
+Interface: ``/proc/self/status`` (CapEff, NoNewPrivs, Seccomp), ``/proc/version`` and
+``/proc/cmdline`` (gVisor markers),
 ``uname(2)``; and two throw-away child processes: one is ``PTRACE_SEIZE``d, interrupted
 and asked for ``PTRACE_GET_SYSCALL_INFO``; the other installs an allow-all seccomp filter
 (after ``NO_NEW_PRIVS`` if it lacks ``CAP_SYS_ADMIN``). A runtime that denies ptrace or
@@ -157,14 +158,37 @@ def _kernel_at_least(release: str, want: tuple[int, int]) -> bool:
         return False
 
 
-def is_gvisor() -> bool:
+#: the fixed, fake kernel build gVisor reports in /proc/version (and uname -v)
+GVISOR_BUILD = "#1 SMP Sun Jan 10 15:06:54 PST 2016"
+
+
+def _read_small(path: str, limit: int = 4096) -> str:
     try:
-        with open("/proc/version", encoding="ascii", errors="replace") as f:
-            v = f.read()
+        with open(path, "rb") as f:
+            return f.read(limit).decode("ascii", "replace")
     except OSError:
-        return False
-    # gVisor reports a fixed, fake kernel build
-    return "gVisor" in v or "#1 SMP Sun Jan 10 15:06:54 PST 2016" in v
+        return ""
+
+
+def gvisor_marker(proc: str = "/proc") -> str:
+    """Which gVisor marker this sandbox shows, or ``""`` when none.
+
+    gVisor (Cloud Run gen1, ``runsc``) boots a fake kernel: ``/proc/cmdline`` is
+    ``BOOT_IMAGE=/vmlinuz-4.4.0-gvisor quiet`` and ``/proc/version`` carries a fixed build
+    string (newer releases dropped the word gVisor from it, so both files are read).
+    ``dmesg`` ("Starting gVisor...") is not used: it often needs privilege.
+    """
+    cmdline = _read_small(f"{proc}/cmdline")
+    if "gvisor" in cmdline.lower():
+        return f"{proc}/cmdline: {cmdline.strip()[:80]}"
+    version = _read_small(f"{proc}/version")
+    if "gVisor" in version or GVISOR_BUILD in version:
+        return f"{proc}/version: {version.strip()[:80]}"
+    return ""
+
+
+def is_gvisor(proc: str = "/proc") -> bool:
+    return bool(gvisor_marker(proc))
 
 
 def probe(mode: str = "auto", seccomp_mode: str = "auto", nnp_mode: str = "auto",
@@ -183,7 +207,7 @@ def probe(mode: str = "auto", seccomp_mode: str = "auto", nnp_mode: str = "auto"
         "cap_net_raw": Probe(has_cap(capeff, CAP_NET_RAW)),
         "cap_net_admin": Probe(has_cap(capeff, CAP_NET_ADMIN)),
         "kernel": Probe(_kernel_at_least(release, (4, 8)), release),
-        "gvisor": Probe(is_gvisor()),
+        "gvisor": Probe(bool(gv := gvisor_marker()), gv),
         "no_new_privs_set": Probe(st.get("NoNewPrivs", "0") == "1"),
         "seccomp_mode": Probe(True, st.get("Seccomp", "unknown")),
     }
