@@ -96,6 +96,12 @@ def interrupt(pid: int) -> None:
     _call(PTRACE_INTERRUPT, pid, 0, 0)
 
 
+def detach(pid: int, sig: int = 0) -> None:
+    """PTRACE_DETACH a stopped tracee, delivering ``sig`` (0: none) as it resumes. A
+    tracee in group-stop stays stopped, as it would without a tracer."""
+    _call(PTRACE_DETACH, pid, 0, sig)
+
+
 _msg = ctypes.c_ulong()
 _msg_addr = ctypes.addressof(_msg)
 

@@ -6,6 +6,9 @@ owns both, so there is no polling floor); ``prctl(PR_SET_CHILD_SUBREAPER)`` when
 1; ``setpgid``/``tcsetpgrp`` to hand a terminal to the workload; ``PTRACE_SEIZE`` of the
 workload before it execs; records to the worker through :class:`Outbox`.
 
+The worker's supervision (start, restart, status/loss records, the final drain) is
+:class:`lw_embed.runtime.supervisor.Supervisor`, shared with the sidecar.
+
 Capability: none for the init duties; ptrace and seccomp as the probes allow (see
 :mod:`lw_embed.platform.probe`). Without them the workload runs untraced and processes
 are observed through /proc by the worker.
@@ -22,47 +25,31 @@ it died of signal N, 127/126 if CMD is missing / not executable.
 
 from __future__ import annotations
 
-import array
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import signal
-import sys
-import termios
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from lw_embed import __version__
-from lw_embed.config import Config, config_to_dict
+from lw_embed.config import Config
 from lw_embed.kernel import procfs, seccomp
 from lw_embed.kernel import ptrace as pt
 from lw_embed.platform import detect, probe
 from lw_embed.records import R, frame
-from lw_embed.runtime.outbox import Outbox
+from lw_embed.runtime.supervisor import CATCHABLE, RECORD_FD, WORKER_HELD, Supervisor
+from lw_embed.sources.filetrace import trace_roots
 from lw_embed.sources.tracer import Tracer, TracerOptions, ptrace_options, seccomp_rules
 
 log = logging.getLogger("lw_embed.core")
 
 PR_SET_CHILD_SUBREAPER = 36
-#: the worker finds the record pipe on this fd (lw_embed.runtime.worker.RECORD_FD)
-RECORD_FD = 3
-#: glibc keeps 32 and 33 for itself; everything else that can be caught is ours to pass on
-CATCHABLE = frozenset(
-    s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)
-)
+__all__ = ["CATCHABLE", "RECORD_FD", "WORKER_HELD", "Core", "RunOptions", "exit_code", "run"]
 FORWARDED = CATCHABLE - {signal.SIGCHLD}
-#: held blocked in a new worker until its handlers are in place (a SIGHUP would kill it)
-WORKER_HELD = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
 TERMINAL_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-STATUS_EVERY = 10.0
 TREE_CHECK_EVERY = 0.05
-#: workers started anew during shutdown when one dies with records still to hand over
-FINISH_RESTARTS = 3
 OUTBOX_FLUSH_AT = 1 << 16
-LOSS_EVERY = 1.0
 #: what the core keeps for itself at the end of the platform's grace
 SHUTDOWN_MARGIN = 0.5
 
@@ -75,12 +62,6 @@ class RunOptions:
     #: the signal mask we were started with, when the caller blocked signals early
     orig_mask: frozenset[int] | None = None
     faults: frozenset[str] = frozenset()
-
-
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit status {os.WEXITSTATUS(status)}"
 
 
 def exit_code(status: int) -> int:
@@ -158,23 +139,13 @@ class Core:
         self.instance_id = self.cfg.agent.instance_id  # "" = the worker keeps one per spool
         self.main_pid = 0
         self.main_status: int | None = None
-        self.worker_pid = 0
-        self.worker_started = 0.0
-        self.worker_restart_at: float | None = None
-        self.worker_backoff = self.cfg.worker.restart_backoff_min
-        self.worker_restarts = 0
-        self.worker_status: int | None = None  # wait status of the last worker that ended
         self.deadline: float | None = None  # when what is left of the tree gets SIGKILL
         self.term_at: float | None = None  # first SIGTERM: the platform's grace runs from here
         self.draining = False
         self.tracer: Tracer | None = None
         self.tty: int | None = None  # the terminal we handed to the workload
         self._suspend = False
-        self.errors: dict[str, int] = {}
         self.recent_traced_exits: dict[int, float] = {}
-        self._last_loss: dict[str, int] = {}
-        self._next_status = 0.0
-        self._next_loss = 0.0
         self._next_tree_check = 0.0
 
     # -- start ------------------------------------------------------------------------
@@ -191,18 +162,19 @@ class Core:
             argv_max_args=cfg.tracer.argv_max_args,
             trace_connect=cfg.tracer.trace_connect,
             faults=self.opts.faults,
+            file_roots=trace_roots(cfg),
         )
         rules = seccomp_rules(topts)
         caps = probe.probe(cfg.tracer.mode, cfg.tracer.seccomp, cfg.tracer.no_new_privs,
                            want_seccomp=bool(rules))  # fmt: skip
         technique = caps.techniques["processes"]
-        r, w = os.pipe2(os.O_CLOEXEC)
-        if r == RECORD_FD:  # dup2 onto itself would keep CLOEXEC on some libcs
-            r, old = os.dup(r), r
-            os.close(old)
-        self.pipe_r = r
-        self.outbox = Outbox(w, cfg.tracer.buffer_bytes)
-        self._start_worker()
+        self.sup = Supervisor(
+            cfg, self.env, config_path=self.opts.config_path, instance_id=self.instance_id,
+            spec={"mode": "wrapper", "scope": self._scope()},
+            metrics=self._core_metrics, losses=self._core_losses,
+        )  # fmt: skip
+        self.outbox = self.sup.outbox
+        self.sup.start_worker()
 
         use_ptrace = technique != "procfs"
         use_filter = technique == "ptrace+seccomp"
@@ -240,58 +212,17 @@ class Core:
         now = time.time_ns()
         self.outbox.put(frame(R.CAPS, now, caps.report()))
         self.outbox.put(frame(R.WORKLOAD, now, pid, list(self.opts.argv)))
-        self._next_status = time.monotonic() + STATUS_EVERY
+        self.sup.start_clock()
         try:
             return self._loop()
         finally:
             self._finish()
-
-    def _start_worker(self) -> None:
-        payload = {
-            "config": config_to_dict(self.cfg),
-            "config_path": self.opts.config_path,
-            "core_pid": os.getpid(),
-            "instance_id": self.instance_id,
-            "mode": "wrapper",
-            "scope": self._scope(),
-            "version": __version__,
-        }
-        env = {k: v for k, v in self.env.items() if not k.startswith("_LW_EMBED_")}
-        env["_LW_EMBED_WORKER"] = json.dumps(payload)
-        rfd = self.pipe_r
-        actions = [
-            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
-            (os.POSIX_SPAWN_DUP2, rfd, RECORD_FD),
-        ]
-        try:
-            self.worker_pid = os.posix_spawn(
-                sys.executable,
-                # -P: never import from the working directory (we run as root)
-                [sys.executable, "-P", "-m", "lw_embed.runtime.worker"],
-                env,
-                file_actions=actions,
-                setsigmask=WORKER_HELD,  # until it has handlers (it unblocks them)
-                setsigdef=CATCHABLE,
-            )
-            self.worker_started = time.monotonic()
-        except OSError as exc:
-            log.warning("cannot start the worker: %s", exc)
-            self.worker_pid = 0
-            self._schedule_worker_restart()
 
     def _scope(self) -> str:
         scope = self.cfg.processes.scope
         if scope == "auto":
             return "namespace" if os.getpid() == 1 else "tree"
         return scope
-
-    def _schedule_worker_restart(self) -> None:
-        now = time.monotonic()
-        if now - self.worker_started > 10.0:
-            self.worker_backoff = self.cfg.worker.restart_backoff_min
-        self.worker_restart_at = now + self.worker_backoff
-        self.worker_backoff = min(self.worker_backoff * 2, self.cfg.worker.restart_backoff_max)
 
     # -- the loop -----------------------------------------------------------------------
     def _loop(self) -> int:
@@ -301,7 +232,8 @@ class Core:
                 if self._step():
                     break
             except Exception:
-                self.errors["core.loop_error"] = self.errors.get("core.loop_error", 0) + 1
+                errors = self.sup.errors
+                errors["core.loop_error"] = errors.get("core.loop_error", 0) + 1
                 log.exception("core loop error (continuing)")
             info = signal.sigtimedwait(CATCHABLE, self._timeout())
             if info is not None and info.si_signo != signal.SIGCHLD:
@@ -311,11 +243,7 @@ class Core:
 
     def _timeout(self) -> float:
         now = time.monotonic()
-        t = [self._next_status - now, 1.0]
-        if self.outbox.pending:
-            t.append(0.02)
-        if self.worker_restart_at is not None:
-            t.append(self.worker_restart_at - now)
+        t = self.sup.timeouts(now)
         if self.deadline is not None:
             t.append(self.deadline - now)
         if self.draining:
@@ -339,13 +267,8 @@ class Core:
                 continue
             if tracer is not None and tracer.on_exit(pid, status):
                 self.recent_traced_exits[pid] = time.monotonic()
-            elif pid == self.worker_pid:
-                self.worker_pid = 0
-                self.worker_status = status
-                if not self.draining:
-                    log.warning("worker ended (%s); restarting", _describe_status(status))
-                self.worker_restarts += 1
-                self._schedule_worker_restart()
+            elif pid == self.sup.worker_pid:
+                self.sup.worker_ended(status, quiet=self.draining)
                 continue
             elif self.recent_traced_exits.pop(pid, None) is None:
                 # an untraced child of ours (procfs mode, or an adopted orphan)
@@ -365,9 +288,8 @@ class Core:
                 os.kill(target, sig)
         else:
             self._signal_tree(sig)
-        if sig == signal.SIGHUP and self.worker_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.worker_pid, signal.SIGHUP)  # and reload the agent's rules
+        if sig == signal.SIGHUP:
+            self.sup.signal_worker(signal.SIGHUP)  # and reload the agent's rules
         if sig == signal.SIGTERM and self.deadline is None:
             self.term_at = time.monotonic()
             self.deadline = self.term_at + max(0.0, self.grace - self.flush_budget)
@@ -402,17 +324,7 @@ class Core:
             self.outbox.flush()
             self._suspend_with_workload()
         now = time.monotonic()
-        restart = self.worker_restart_at
-        if self.worker_pid == 0 and restart is not None and now >= restart:
-            self.worker_restart_at = None
-            self._start_worker()
-        if now >= self._next_status:
-            self._next_status = now + STATUS_EVERY
-            self._send_status()
-        if now >= self._next_loss:
-            self._next_loss = now + LOSS_EVERY
-            self._send_loss()
-        self.outbox.flush()
+        self.sup.tick(now)
         if self.deadline is not None and now >= self.deadline:
             self._signal_tree(signal.SIGKILL)
             if not self.draining:
@@ -439,7 +351,7 @@ class Core:
             if st.state != "Z":
                 children.setdefault(st.ppid, []).append(pid)
         out: list[int] = []
-        todo = [p for p in children.get(me, []) if p != self.worker_pid]
+        todo = [p for p in children.get(me, []) if p != self.sup.worker_pid]
         while todo:
             p = todo.pop()
             out.append(p)
@@ -452,32 +364,16 @@ class Core:
                 os.kill(pid, sig)
 
     # -- records --------------------------------------------------------------------------
-    def _loss_totals(self) -> dict[str, int]:
-        totals = dict(self.errors)
-        if self.outbox.drops:
-            totals["core.buffer_full"] = self.outbox.drops
-        if self.tracer is not None:
-            totals.update(self.tracer.errors)
-        return totals
+    def _core_losses(self) -> dict[str, int]:
+        return dict(self.tracer.errors) if self.tracer is not None else {}
 
-    def _send_loss(self) -> None:
-        totals = self._loss_totals()
-        if totals != self._last_loss:
-            self._last_loss = totals
-            self.outbox.put(frame(R.LOSS, time.time_ns(), totals))
-
-    def _send_status(self) -> None:
-        m: dict[str, int | float] = {
-            "buffer_bytes": self.outbox.pending,
-            "records_bytes_written": self.outbox.written,
-            "worker_restarts": self.worker_restarts,
+    def _core_metrics(self) -> dict[str, int | float]:
+        if self.tracer is None:
+            return {}
+        self.recent_traced_exits = {
+            p: t for p, t in self.recent_traced_exits.items() if time.monotonic() - t < 30
         }
-        if self.tracer is not None:
-            m.update(self.tracer.metrics())
-            self.recent_traced_exits = {
-                p: t for p, t in self.recent_traced_exits.items() if time.monotonic() - t < 30
-            }
-        self.outbox.put(frame(R.STATUS, time.time_ns(), m))
+        return dict(self.tracer.metrics())
 
     # -- the end --------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -488,62 +384,7 @@ class Core:
         budget = self.flush_budget
         if self.term_at is not None:
             budget = max(budget, self.term_at + self.grace - SHUTDOWN_MARGIN - now)
-        end = now + max(budget, 0.2)
-        self._send_status()
-        self._send_loss()
-        self.outbox.put(frame(R.SHUTDOWN, time.time_ns(), "workload exited", budget - 0.1))
-        closed = False
-        restarts = 0
-        while time.monotonic() < end:
-            if not self.worker_pid:
-                left = self.outbox.pending + self._pipe_unread()
-                if self.worker_status == 0 or not left:
-                    break  # it drained and exited, or died with nothing left to hand over
-                if restarts == FINISH_RESTARTS:
-                    break
-                restarts += 1  # died while records wait: a new one takes what is left
-                self._start_worker()
-                if not self.worker_pid:
-                    break
-            if not closed and self.outbox.flush():
-                self.outbox.close()  # EOF tells the worker everything was handed over
-                closed = True
-            self._wait_worker(min(0.02, max(0.0, end - time.monotonic())))
-        if self.worker_pid:
-            log.warning("worker did not finish within %.1fs; killing it", budget)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.worker_pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.worker_pid, 0)
-        lost = self.outbox.pending + self._pipe_unread()
-        if lost:
-            log.warning("%d bytes of records could not be handed to a worker before exit", lost)
-        if not closed:
-            self.outbox.close()
-        os.close(self.pipe_r)
-
-    def _wait_worker(self, timeout: float) -> None:
-        signal.sigtimedwait({signal.SIGCHLD}, timeout)
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG | pt.WALL)
-            except ChildProcessError:
-                self.worker_pid = 0
-                return
-            if pid == 0:
-                return
-            if pid == self.worker_pid:
-                self.worker_pid = 0
-                self.worker_status = status
-
-    def _pipe_unread(self) -> int:
-        """Bytes written to the record pipe that no worker has read yet."""
-        buf = array.array("i", [0])
-        try:
-            fcntl.ioctl(self.pipe_r, termios.FIONREAD, buf)
-        except OSError:
-            return 0
-        return buf[0]
+        self.sup.finish("workload exited", budget)
 
 
 def run(opts: RunOptions, env: Mapping[str, str] | None = None) -> int:

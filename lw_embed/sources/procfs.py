@@ -5,12 +5,15 @@ Interface: ``<proc>/<pid>/{stat,status,cmdline,exe,cwd}`` through the readers of
 tree). Scope decides which processes are reported:
 
 - ``tree``: the descendants of ``core_pid`` (by the ppid chain), the worker's subtree
-  excluded;
+  excluded; with ``roots`` (the sidecar's ``--pid``), those pids and their descendants
+  instead;
 - ``namespace``: every process visible in proc, kernel threads excluded;
 - ``none``: nothing (and no reads at all).
 
 In every scope the agent's own processes are left out: ``core_pid``, ``worker_pid`` and
-the worker's descendants.
+the worker's descendants (a tree is not followed through them); so are the pids of
+``exclude`` (the sidecar's: the task's pause/init process, its own ancestors), which
+leaves their descendants in scope.
 
 Capability: none for the listing and ``stat``; another user's ``exe``/``cwd`` needs
 ``CAP_SYS_PTRACE`` (without it they are reported as ``""``).
@@ -86,6 +89,8 @@ class Reconciler:
         proc: str = procfs.PROC,
         argv_max_bytes: int = 4096,
         argv_max_args: int = 256,
+        roots: Iterable[int] = (),
+        exclude: Iterable[int] = (),
     ) -> None:
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
@@ -93,6 +98,8 @@ class Reconciler:
         self.scope = scope
         self.core_pid = core_pid
         self.worker_pid = worker_pid
+        self.roots = tuple(roots)
+        self.exclude = frozenset(exclude)
         self.proc = proc
         self.argv_max_bytes = argv_max_bytes
         self.argv_max_args = argv_max_args
@@ -179,38 +186,60 @@ class Reconciler:
     # -- internals ------------------------------------------------------------------------
     def _scan(self) -> dict[int, procfs.Stat] | None:
         """``stat`` of every process in proc; None when proc itself cannot be listed."""
-        try:
-            pids = procfs.list_pids(self.proc)
-        except OSError:
+        out = scan(self.proc)
+        if out is None:
             self.scan_errors += 1
-            return None
-        out: dict[int, procfs.Stat] = {}
-        for pid in pids:
-            try:
-                st = procfs.read_stat(pid, self.proc)
-            except _PARSE_ERRORS:
-                continue  # vanished or half-written: not there
-            if st.pid == pid:
-                out[pid] = st
         return out
 
     def _in_scope(self, stats: dict[int, procfs.Stat]) -> dict[int, procfs.Stat]:
         """The live (not zombie) processes of the scope, the agent's own excluded."""
-        children: dict[int, list[int]] = {}
-        for pid, st in stats.items():
-            children.setdefault(st.ppid, []).append(pid)
-        own = _subtree(children, self.worker_pid) | {self.core_pid}
-        if self.scope == "tree":
-            picked = _subtree(children, self.core_pid, skip=own) - own
-        else:
-            kthreadd = stats.get(2)
-            kernel = kthreadd is not None and kthreadd.comm == "kthreadd"
-            picked = {
-                pid
-                for pid, st in stats.items()
-                if pid not in own and not (kernel and (pid == 2 or st.ppid == 2))
-            }
-        return {pid: stats[pid] for pid in picked if stats[pid].state not in _DEAD}
+        return in_scope(stats, self.scope, self.core_pid, self.worker_pid, self.roots,
+                        self.exclude)  # fmt: skip
+
+
+def scan(proc: str = procfs.PROC) -> dict[int, procfs.Stat] | None:
+    """``stat`` of every process in proc; None when proc itself cannot be listed."""
+    try:
+        pids = procfs.list_pids(proc)
+    except OSError:
+        return None
+    out: dict[int, procfs.Stat] = {}
+    for pid in pids:
+        try:
+            st = procfs.read_stat(pid, proc)
+        except _PARSE_ERRORS:
+            continue  # vanished or half-written: not there
+        if st.pid == pid:
+            out[pid] = st
+    return out
+
+
+def in_scope(stats: dict[int, procfs.Stat], scope: str, core_pid: int, worker_pid: int,
+             roots: Iterable[int] = (), exclude: frozenset[int] = frozenset(),
+             ) -> dict[int, procfs.Stat]:  # fmt: skip
+    """The live (not zombie) processes of ``scope`` among ``stats``: the agent's own
+    (``core_pid``, the worker's subtree) and the pids of ``exclude`` left out."""
+    if scope == "none":
+        return {}
+    children: dict[int, list[int]] = {}
+    for pid, st in stats.items():
+        children.setdefault(st.ppid, []).append(pid)
+    own = _subtree(children, worker_pid) | {core_pid}
+    if scope == "tree":
+        picked: set[int] = set()
+        for root in tuple(roots) or (core_pid,):
+            if root in stats or root == core_pid:
+                picked |= _subtree(children, root, skip=own)
+        picked -= own
+    else:
+        kthreadd = stats.get(2)
+        kernel = kthreadd is not None and kthreadd.comm == "kthreadd"
+        picked = {
+            pid
+            for pid, st in stats.items()
+            if pid not in own and not (kernel and (pid == 2 or st.ppid == 2))
+        }
+    return {pid: stats[pid] for pid in picked - exclude if stats[pid].state not in _DEAD}
 
 
 def _subtree(
