@@ -138,8 +138,10 @@ def test_failing_source_is_counted_and_keeps_running(tmp_path: Path) -> None:
 
 
 def test_unbuildable_source_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(base.FACTORIES, "broken", "lw_embed.no_such_module:factory")
-    monkeypatch.setitem(base.FACTORIES, "off", "tests.linux.test_worker_sources:off_factory")
+    monkeypatch.setattr(base, "FACTORIES", {
+        "broken": "lw_embed.no_such_module:factory",
+        "off": "tests.linux.test_worker_sources:off_factory",
+    })  # fmt: skip
 
     def core(w: int) -> None:
         os.write(w, frame(R.CAPS, 1, {"techniques": {}}))

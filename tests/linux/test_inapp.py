@@ -1,0 +1,279 @@
+"""In-app mode (lw_embed.start/stop/flush): real host apps run as subprocesses, each with its
+own data dir and output dir; what they did is read back from the batch files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lw_embed.decode import batch_files, read_batch
+from lw_embed.errors import ConfigError
+from lw_embed.runtime.embedded import build_config
+from tests.linux.conftest import clean_env, helper, kill_tree
+
+pytestmark = pytest.mark.linux
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = helper("inapp_app.py")
+
+
+def run_app(tmp: Path, scenario: str, arg: str = "", env: dict[str, str] | None = None,
+            timeout: float = 60.0) -> dict[str, Any]:  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, APP, scenario, str(tmp / "out"), str(tmp / "data"), arg],
+        env=clean_env({"PYTHONPATH": str(ROOT), **(env or {})}), capture_output=True,
+        text=True, timeout=timeout, cwd=str(tmp),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["stderr"] = proc.stderr
+    return result
+
+
+def batches(out: Path) -> list[dict[str, Any]]:
+    if not out.exists():
+        return []
+    return [read_batch(p) for p in batch_files([str(out)])]
+
+
+def events(out: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    evs = [e for b in batches(out) for e in b["events"]]
+    return [e for e in evs if kind is None or e["kind"] == kind]
+
+
+def paths(out: Path, kind: str = "file.write") -> list[str]:
+    return [e["path"] for e in events(out, kind)]
+
+
+def loss(out: Path) -> dict[str, int]:
+    reports = sorted(events(out, "agent.loss"), key=lambda e: e["seq"])
+    return reports[-1]["totals"] if reports else {}
+
+
+def test_spawn_socket_and_file_are_reported(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    r = run_app(tmp_path, "basic", str(work))
+    assert r["flushed"] and r["stopped"]
+    out = tmp_path / "out"
+    assert {b["agent"]["mode"] for b in batches(out)} == {"in-app"}
+    host = [e for e in events(out, "process.exec") if e["argv"][1:2] == [APP]]
+    assert len(host) == 1 and host[0]["source"] == "procfs"
+    eid = host[0]["exec_id"]
+    spawn = events(out, "process.spawn")
+    assert [(s["call"], s["argv"], s["exec_id"]) for s in spawn] == [
+        ("subprocess.Popen", ["/bin/sleep", "1"], eid)
+    ]
+    child = [e for e in events(out, "process.exec") if e["pid"] == r["child"]]
+    assert child and child[0]["exe"].endswith("sleep") and child[0]["parent_exec_id"] == eid
+    assert [e["exec_id"] for e in events(out, "process.exit") if e["pid"] == r["child"]]
+    conn = [e for e in events(out, "net.connect") if e["port"] == r["port"]]
+    assert conn and conn[0]["address"] == "127.0.0.1" and conn[0]["exec_id"] == eid
+    assert conn[0]["fd"] >= 0 and conn[0]["family"] == "inet"
+    assert [e["address"] for e in events(out, "net.bind")] == ["127.0.0.1"]
+    assert paths(out) == [str(work / "written.txt")]
+    assert [(e["path"], e["target"]) for e in events(out, "file.rename")] == [
+        (str(work / "written.txt"), str(work / "renamed.txt"))
+    ]
+    assert paths(out, "file.remove") == [str(work / "renamed.txt")]
+    # the agent's own spool and batch files are not reported
+    assert not [p for p in paths(out) if p.startswith(str(tmp_path / "data"))]
+    assert not [p for p in paths(out) if p.startswith(str(out))]
+    caps = events(out, "agent.capabilities")[0]["report"]
+    assert caps["techniques"]["audit"] == "audit-hook"
+
+
+def test_hostile_audit_args_never_raise_into_the_host(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    r = run_app(tmp_path, "hostile", str(work))
+    assert r["raised"] == 0
+    assert r["flushed"] and r["stopped"]
+    out = tmp_path / "out"
+    assert str(work / "after.txt") in paths(out)
+    totals = loss(out)
+    assert totals.get("audit.bad_args", 0) > 0  # counted, not silently lost
+    assert "Traceback" not in r["stderr"]
+
+
+def test_full_queue_drops_with_a_counter(tmp_path: Path) -> None:
+    n = 2000
+    r = run_app(tmp_path, "queue", str(n))
+    assert r["flushed"] and r["stopped"]
+    out = tmp_path / "out"
+    seen = len([p for p in paths(out, "file.remove") if p.startswith("/nonexistent/q")])
+    dropped = loss(out).get("audit.queue_full", 0)
+    assert dropped > 0
+    assert seen + dropped == n  # every call is either reported or counted
+
+
+def test_start_twice_and_stop_then_start(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    r = run_app(tmp_path, "restart", str(work))
+    assert (r["first"], r["again"], r["stopped"], r["restarted"]) == (True, False, True, True)
+    assert r["flushed"] and r["stopped2"]
+    out = tmp_path / "out"
+    written = paths(out)
+    assert written.count(str(work / "one.txt")) == 1
+    assert written.count(str(work / "two.txt")) == 1
+    assert str(work / "between.txt") not in written
+    # the same spool, so the same instance after the restart
+    assert len({b["agent"]["instance_id"] for b in batches(out)}) == 1
+
+
+def test_fork_both_sides_work_and_nothing_is_duplicated(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    n = 200
+    r = run_app(tmp_path, "fork", f"{work}:{n}")
+    assert r["child_status"] == 0 and r["flushed"] and r["stopped"]
+    out = tmp_path / "out"
+    by_instance: dict[str, list[str]] = {}
+    for b in batches(out):
+        for e in b["events"]:
+            if e["kind"] == "file.write":
+                by_instance.setdefault(b["agent"]["instance_id"], []).append(e["path"])
+    assert len(by_instance) == 2
+    every = [p for ps in by_instance.values() for p in ps]
+    for side in ("pre", "child", "parent"):
+        names = [os.path.basename(p) for p in every if os.path.basename(p).startswith(side + "-")]
+        assert sorted(names) == sorted(f"{side}-{i}" for i in range(n)), side  # once each
+    child_inst = [i for i, ps in by_instance.items() if any("child-" in p for p in ps)]
+    assert len(child_inst) == 1
+    assert not [p for p in by_instance[child_inst[0]] if "/pre-" in p or "/parent-" in p]
+    pids = {e["pid"] for e in events(out, "file.write")}
+    assert r["child"] in pids and len(pids) == 2
+
+
+@pytest.mark.parametrize("handler_first", ["1", "0"])
+def test_app_sigterm_handler_still_runs(tmp_path: Path, handler_first: str) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, APP, "sigterm", str(tmp_path / "out"), str(tmp_path / "data"),
+         str(work)], env=clean_env({"PYTHONPATH": str(ROOT), "HANDLER_FIRST": handler_first}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["ready"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        kill_tree(proc)
+    assert (work / "handler-ran").exists()
+    assert str(work / "before-term.txt") in paths(tmp_path / "out")  # flushed at exit
+
+
+def test_sigterm_without_app_handler_flushes_then_dies_of_it(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, APP, "sigterm_default", str(tmp_path / "out"),
+         str(tmp_path / "data"), str(work)], env=clean_env({"PYTHONPATH": str(ROOT)}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["ready"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == -signal.SIGTERM
+    finally:
+        kill_tree(proc)
+    assert str(work / "before-term.txt") in paths(tmp_path / "out")
+
+
+def test_exit_is_delayed_at_most_by_the_flush_budget_when_the_backend_is_down(
+    tmp_path: Path,
+) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    proc = subprocess.Popen(
+        [sys.executable, APP, "exit_budget", str(tmp_path / "out"), str(tmp_path / "data"),
+         f"http://127.0.0.1:{port}"], env=clean_env({"PYTHONPATH": str(ROOT)}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        json.loads(proc.stdout.readline())
+        t0 = time.monotonic()
+        assert proc.wait(30) == 0
+        waited = time.monotonic() - t0
+    finally:
+        kill_tree(proc)
+    # budget 1.0 s; the interpreter's own teardown comes on top (generous on a busy box)
+    assert waited < 1.0 + 1.5, waited
+    # what could not be sent is kept in the spool for the next start
+    segs = list((tmp_path / "data" / "spool").glob("*.seg"))
+    kept = [e for p in segs for e in _segment_events(str(p))]
+    assert len([e for e in kept if e.get("kind") == "file.remove"]) == 50
+
+
+def _segment_events(path: str) -> list[dict[str, Any]]:
+    from lw_embed.decode import read_segment
+
+    return list(read_segment(path))
+
+
+def test_autostart_through_sitecustomize(tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    target = tmp_path / "auto.txt"
+    app.write_text(f"open({str(target)!r}, 'w').write('x')\n")
+    env = clean_env({"LW_EMBED_AUTOSTART": "1", "PYTHONPATH": str(ROOT / "entrypoints"),
+                     "LW_EMBED_DATA_DIR": str(tmp_path / "data"),
+                     "LW_EMBED_OUTPUT_DIR": str(tmp_path / "out")})  # fmt: skip
+    proc = subprocess.run([sys.executable, str(app)], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert str(target) in paths(tmp_path / "out")
+    # without the variable, nothing starts
+    env.pop("LW_EMBED_AUTOSTART")
+    env["LW_EMBED_OUTPUT_DIR"] = str(tmp_path / "out2")
+    subprocess.run([sys.executable, str(app)], env=env, timeout=60, check=True,
+                   cwd=str(tmp_path))  # fmt: skip
+    assert not (tmp_path / "out2").exists()
+
+
+def test_autostart_with_a_bad_setting_leaves_the_host_running(tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text("print('host ran')\n")
+    env = clean_env({"LW_EMBED_AUTOSTART": "1", "PYTHONPATH": str(ROOT / "entrypoints"),
+                     "LW_EMBED_INAPP_QUEUE_MAX": "1"})  # fmt: skip
+    proc = subprocess.run([sys.executable, str(app)], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout == "host ran\n"
+    assert "inapp.queue_max" in proc.stderr
+
+
+def test_options_map_to_config_keys(tmp_path: Path) -> None:
+    cfg, path = build_config({"output": "/o", "data_dir": "/d", "backend": "http://x:1",
+                              "token": "t", "shutdown_flush": 0.5,
+                              "spool.max_bytes": 1 << 21}, {})  # fmt: skip
+    assert (cfg.output.dir, cfg.agent.data_dir, cfg.backend.url, cfg.backend.token) == (
+        "/o", "/d", "http://x:1", "t")  # fmt: skip
+    assert cfg.shutdown.flush == 0.5 and cfg.spool.max_bytes == 1 << 21 and path is None
+    env_cfg, _ = build_config({}, {"LW_EMBED_DATA_DIR": "/e", "LW_EMBED_SHUTDOWN_FLUSH": "3"})
+    assert env_cfg.agent.data_dir == "/e" and env_cfg.shutdown.flush == 3.0
+    with pytest.raises(ConfigError, match=r"inapp\.queue_max"):
+        build_config({"inapp_queue_max": 1}, {})
+    with pytest.raises(ConfigError, match="bogus"):
+        build_config({"bogus": 1}, {})
+
+
+def test_import_is_cheap() -> None:
+    code = "import sys, lw_embed; print(sorted(m for m in sys.modules if m.startswith('lw_embed')))"
+    proc = subprocess.run([sys.executable, "-c", code], env=clean_env({"PYTHONPATH": str(ROOT)}),
+                          capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    assert json.loads(proc.stdout.replace("'", '"')) == ["lw_embed"]
