@@ -113,6 +113,11 @@ class NetworkSource:
         modes = list(pk.MODES) if cfg.capture == "auto" else (
             [] if cfg.capture == "procfs" else [cfg.capture])  # fmt: skip
         why: list[str] = []
+        if cfg.capture == "auto" and self.ctx.mode == "in-app":
+            # in-app, every packet would be parsed under the host's GIL: poll instead
+            # (capture = "tpacket_v3" asks for packets anyway)
+            modes = []
+            why.append("in-app mode polls /proc/net unless [network] capture names a mode")
         if modes:
             try:
                 ifx = [socket.if_nametoindex(n) for n in cfg.interfaces]

@@ -177,11 +177,25 @@ def test_500_short_connections_attributed_by_syscall(tmp_path: Path) -> None:
         th.join(5)
 
 
-def _source(cfg: dict[str, Any]) -> NetworkSource:
+def _source(cfg: dict[str, Any], mode: str = "sidecar") -> NetworkSource:
     config = config_from_dict({"network": cfg})
-    ctx = SourceContext(config, "sidecar", "namespace", ProcessTable("b", 1, 0, 4), "/proc",
+    ctx = SourceContext(config, mode, "namespace", ProcessTable("b", 1, 0, 4), "/proc",
                         "/tmp", 1, time.time_ns, time.monotonic)  # fmt: skip
     return NetworkSource(config.network, ctx)
+
+
+@pytest.mark.parametrize(("capture", "want"), [("auto", "procfs"), ("tpacket_v3", "tpacket_v3")])
+def test_in_app_mode_polls_unless_capture_is_asked_for(capture: str, want: str) -> None:
+    """In-app, packets would be parsed under the host's GIL: the default there is /proc
+    polling; naming a capture mode still gets it."""
+    src = _source({"interfaces": ["lo"], "capture": capture}, mode="in-app")
+    try:
+        tech, reason = src.technique()
+        assert tech == want, reason
+        if want == "procfs":
+            assert "in-app" in reason
+    finally:
+        list(src.close())
 
 
 SHORT = """
