@@ -15,11 +15,24 @@ from lw_embed.config import PackagesConfig, load_config
 from lw_embed.errors import ConfigError
 from lw_embed.events import PackageActive, PackageChange, PackageInventory
 from lw_embed.sources.packages import manager_of, snapshot_events
-from lw_embed.sources.packages.inventory import Scanner, diff
+from lw_embed.sources.packages.inventory import NOT_RUN, Scanner, diff
 from lw_embed.sources.packages.model import run
-from lw_embed.sources.packages.usage import ProcScanner, Tracker, parse_maps
+from lw_embed.sources.packages.usage import PassStats, ProcScanner, Tracker, parse_maps
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "packages"
+
+
+def observed(passes: int = 1, measured: int = 1, unreadable: int = 0) -> Tracker:
+    """A tracker that completed ``passes`` usage passes."""
+    tr = Tracker()
+    for i in range(passes):
+        tr.note_pass(i + 1, PassStats(measured, measured, 0), unreadable)
+    return tr
+
+
+def state_of(tr: Tracker, inv: Any, name: str) -> str:
+    i = next(i for i, p in enumerate(inv.packages) if p.name == name)
+    return tr.state(inv.packages[i], inv.reasons[i])[0]
 
 
 def inventory(root: Path | str) -> Any:
@@ -47,6 +60,7 @@ def test_debian_root() -> None:
     assert inv.packages[inv.owner["/usr/lib/x86_64-linux-gnu/libfoo.so.1"]].name == "libfoo1"
     assert inv.packages[inv.owner["/bin/bash"]].name == "bash"
     assert "/bin" not in inv.owner and "/usr" not in inv.owner  # directories: no evidence
+    assert "/" not in inv.owner and "/." not in inv.owner
     site = "/usr/local/lib/python3.11/dist-packages"
     assert by["requests"].files == (f"{site}/requests/__init__.py", f"{site}/requests/api.py",
                                     "/usr/local/bin/requests-cli",
@@ -65,8 +79,9 @@ def test_distroless_root() -> None:
     by = {p.name: p for p in inv.packages}
     assert by["libssl3"].files == ("/usr/lib/x86_64-linux-gnu/libssl.so.3",)
     assert by["tzdata"].files is None
-    assert Tracker(observed_since=1).state(by["tzdata"]) == "unmeasurable"
-    assert Tracker(observed_since=1).state(by["libssl3"]) == "dormant"
+    assert state_of(observed(), inv, "tzdata") == "unmeasurable"
+    assert state_of(observed(), inv, "libssl3") == "dormant"
+    assert state_of(Tracker(), inv, "libssl3") == "unmeasurable"  # nothing observed yet
 
 
 def test_alpine_root() -> None:
@@ -104,7 +119,7 @@ def test_python_venv_and_node_modules() -> None:
     # npm: a file inside a package directory belongs to it, nested packages to themselves
     tiny = inv.owner_of("/app/node_modules/left-pad/node_modules/tiny/build/x.node")
     assert tiny is not None and inv.packages[tiny].name == "tiny"
-    assert Tracker(observed_since=1).state(by["left-pad"]) == "unmeasurable"
+    assert state_of(observed(), inv, "left-pad") == "unmeasurable"
 
 
 def test_npm_depth_is_bounded() -> None:
@@ -129,12 +144,35 @@ def test_incremental_recheck_and_changes(tmp_path: Path) -> None:
     keys = sc.changed()
     assert keys == ["dpkg", f"python:{site}"]
     second = run(sc.recheck(keys))
-    assert sc.changed() == []
+    assert second is not None and sc.changed() == []
     got = {(c.action, c.name, c.old_version, c.new_version) for c in diff(first.packages,
                                                                         second.packages)}
     assert got == {("upgraded", "bash", "5.2.15-2+b8", "5.2.21-2"),
                    ("installed", "newpkg", None, "2.0"), ("removed", "nolist", "2.0", None),
                    ("removed", "requests", "2.31.0", None)}  # fmt: skip
+
+
+def test_rediscovery_and_nested_node_modules(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(FIX / "venv", root)
+    sc = Scanner(str(root))
+    first = run(sc.full())
+    assert run(sc.recheck([], rediscover=False)) is None  # nothing to do
+    # a nested install changes only a nested node_modules directory's mtime
+    nested = root / "app/node_modules/left-pad/node_modules"
+    (nested / "late").mkdir()
+    (nested / "late/package.json").write_text('{"name": "late", "version": "1.0.0"}')
+    os.utime(nested, ns=(1, 10**18))
+    keys = sc.changed()
+    assert keys == [f"npm:{root}/app/node_modules"]
+    # a runtime install in a directory that did not exist at the scan: found by rediscovery
+    new_nm = root / "srv/other/node_modules/fresh"
+    new_nm.mkdir(parents=True)
+    (new_nm / "package.json").write_text('{"name": "fresh", "version": "0.1.0"}')
+    second = run(sc.recheck(keys, rediscover=True))
+    assert second is not None and sc.discoveries == 2
+    got = {(c.action, c.name) for c in diff(first.packages, second.packages)}
+    assert got == {("installed", "late"), ("installed", "fresh")}
 
 
 def test_garbage_databases_do_not_raise(tmp_path: Path) -> None:
@@ -201,15 +239,34 @@ def test_usage_join_on_fake_proc(tmp_path: Path) -> None:
     ps.stale.add(77)
     ps.scan(inv, 1)
     assert ps.reads == reads + 1  # an exec invalidates it
+    assert ps.last.measured == 1 and ps.last.unreadable == 0
     tr = Tracker()
     for h in hits:
         tr.add(inv.packages[h.idx], h, 5)
-    tr.observed_since = 5
-    states = {p.name: tr.state(p) for p in inv.packages}
-    assert states == {"bash": "active", "libfoo1": "active", "requests": "active",
-                      "python3-yaml": "dormant", "md5only": "dormant", "nolist": "unmeasurable"}
+    tr.note_pass(5, ps.last, len(ps.never_read))
+    states = {p.name: tr.state(p, inv.reasons[i]) for i, p in enumerate(inv.packages)}
+    assert states == {"bash": ("active", ""), "libfoo1": ("active", ""),
+                      "requests": ("active", ""), "python3-yaml": ("unmeasurable", NOT_RUN),
+                      "md5only": ("dormant", ""),
+                      "nolist": ("unmeasurable", "no file list to join on")}  # fmt: skip
     rec = tr.record(next(p for p in inv.packages if p.name == "bash"))
     assert rec["evidence"] == ["exe", "mmap"] and rec["root"] is False
+
+
+def test_renamed_executable_is_joined_by_identity(tmp_path: Path) -> None:
+    """The process runs a file no package lists (renamed or hard-linked after the scan):
+    the (dev, inode) of /proc/<pid>/exe finds the owned executable."""
+    root = tmp_path / "root"
+    shutil.copytree(FIX / "debian", root)
+    exe = root / "usr/bin/md5only"
+    exe.parent.mkdir(parents=True)
+    exe.write_bytes(b"\x7fELF")
+    inv = inventory(root)
+    renamed = root / "usr/bin/.md5only-renamed"
+    os.link(exe, renamed)
+    proc = _fake_proc(tmp_path, root, 80, str(renamed), "", [])
+    hits = ProcScanner(str(proc), str(root)).scan(inv, 1)
+    assert [(inv.packages[h.idx].name, h.kind) for h in hits] == [("md5only", "exe")]
 
 
 def test_process_of_another_root_is_not_joined(tmp_path: Path) -> None:
@@ -217,7 +274,13 @@ def test_process_of_another_root_is_not_joined(tmp_path: Path) -> None:
     shutil.copytree(FIX / "debian", root)
     proc = _fake_proc(tmp_path, tmp_path, 78, "/bin/bash", "", [])  # its root: elsewhere
     inv = inventory(root)
-    assert ProcScanner(str(proc), str(root)).scan(inv, 1) == []
+    ps = ProcScanner(str(proc), str(root))
+    assert ps.scan(inv, 1) == []
+    assert ps.last.measured == 0
+    tr = Tracker()
+    tr.note_pass(1, ps.last, 0)
+    # nothing in scope was read: nothing is dormant
+    assert state_of(tr, inv, "md5only") == "unmeasurable"
 
 
 def test_parse_maps_bad_lines() -> None:
@@ -228,14 +291,18 @@ def test_parse_maps_bad_lines() -> None:
 
 def test_snapshot_parts_and_wire() -> None:
     inv = inventory(FIX / "venv")
-    tr = Tracker(observed_since=1)
+    tr = observed()
     evs = snapshot_events(inv, tr, 9, "abc", part_size=3)
     assert [e.part for e in evs] == [0, 1, 2] and {e.parts for e in evs} == {3}
     assert sum(len(e.packages) for e in evs) == len(inv.packages) == 7
     wire = evs[0].to_wire()
     assert list(wire) == sorted(wire) and wire["kind"] == "package.inventory"
     assert wire["totals"]["packages"] == 7 and wire["totals"]["ecosystem.npm"] == 3
-    assert wire["totals"]["dormant"] == 3  # six, native-ext, legacy
+    assert wire["totals"]["dormant"] == 1  # native-ext: the only one with a .so
+    assert wire["totals"]["usage_passes"] == 1 and wire["totals"]["observed_since"] == 1
+    rec = {p["name"]: p for e in evs for p in e.packages}
+    assert rec["six"]["state"] == "unmeasurable" and rec["six"]["reason"] == NOT_RUN
+    assert wire["errors"] and "errors" not in evs[1].to_wire()  # part 0 only
     assert isinstance(evs[0], PackageInventory)
 
 
@@ -243,6 +310,11 @@ def test_active_and_change_wire() -> None:
     a = PackageActive(time=1, ecosystem="deb", name="bash", version="5", evidence="exec",
                       path="/usr/bin/bash", pid=None, exec_id=None, root=True).to_wire()
     assert list(a) == sorted(a) and "pid" not in a and a["deleted"] is False
+    assert "arch" not in a
+    a = PackageActive(time=1, ecosystem="deb", name="bash", version="5", evidence="exec",
+                      path="/usr/bin/bash", pid=None, exec_id=None, root=True, arch="amd64",
+                      location="/var/lib/dpkg/status").to_wire()  # fmt: skip
+    assert list(a) == sorted(a) and a["arch"] == "amd64"
     c = PackageChange(time=1, action="installed", ecosystem="deb", name="x", source="dpkg",
                       old_version=None, new_version="1",
                       managers=({"manager": "apt-get", "pid": 3},)).to_wire()
@@ -262,3 +334,5 @@ def test_config_section() -> None:
     assert PackagesConfig().snapshot_interval == 43200.0
     with pytest.raises(ConfigError, match=r"packages\.scan_rate"):
         load_config(None, {"LW_EMBED_PACKAGES_SCAN_RATE": "1"})
+    with pytest.raises(ConfigError, match=r"packages\.rediscover_every"):
+        load_config(None, {"LW_EMBED_PACKAGES_REDISCOVER_EVERY": "0"})

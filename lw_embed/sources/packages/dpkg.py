@@ -16,15 +16,28 @@ Cost: one read of the status file plus one read per package's file list (the sca
 units); on this machine 710 lists and about 120k paths in about 0.2 s.
 
 Failure modes: a missing status file is no dpkg database (an empty result); an unreadable
-one, or an unreadable status.d entry, is an entry of ``errors``. A package without any
-file list keeps ``files=None`` (its state is then ``unmeasurable``).
+one, or an unreadable status.d entry, is an entry of ``errors``; so is a status file over
+64 MB (read up to there) or a file list over the caps of :mod:`.model` (that package keeps
+``files=None`` with a ``reason``). A package without any file list keeps ``files=None``
+(its state is then ``unmeasurable``). Paths with a NUL byte are dropped and counted.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
-from lw_embed.sources.packages.model import DbResult, Package, Steps, inside, read_text, stanzas
+from lw_embed.sources.packages.model import (
+    MAX_DB_BYTES,
+    DbResult,
+    Package,
+    Steps,
+    collect,
+    inside,
+    lines_of,
+    read_capped,
+    stanzas,
+)
 
 DPKG_DIR = "/var/lib/dpkg"
 #: dpkg states in which the package's files are on disk
@@ -38,47 +51,53 @@ def db_paths(root: str) -> list[str]:
     return [os.path.join(base, "status"), os.path.join(base, "status.d")]
 
 
-def _list_file(path: str) -> tuple[str, ...] | None:
+def _list_paths(path: str, res: DbResult) -> Steps[tuple[tuple[str, ...] | None, str] | None]:
+    """A ``.list`` file's paths (see :func:`~.model.collect`), or None when unreadable."""
     try:
-        text = read_text(path)
-    except OSError:
+        lines = lines_of(path, res, "dpkg")
+    except (OSError, ValueError):
         return None
-    return tuple(p for p in (line.strip() for line in text.splitlines()) if p.startswith("/"))
+    return (yield from collect((p for p in lines if p.startswith("/")), res, f"dpkg: {path}"))
 
 
-def _md5sums(path: str) -> tuple[str, ...] | None:
+def _md5_paths(path: str, res: DbResult) -> Steps[tuple[tuple[str, ...] | None, str] | None]:
+    """A ``.md5sums`` file's paths (``<md5>  <relative path>``), or None when unreadable."""
     try:
-        text = read_text(path)
-    except OSError:
+        lines = lines_of(path, res, "dpkg")
+    except (OSError, ValueError):
         return None
-    out = []
-    for line in text.splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2:
-            rel = parts[1].strip()
-            out.append(rel if rel.startswith("/") else "/" + rel)
-    return tuple(out)
+
+    def paths() -> Iterable[str]:
+        for line in lines:
+            parts = line.split(None, 1)
+            if len(parts) == 2:
+                rel = parts[1].strip()
+                yield rel if rel.startswith("/") else "/" + rel
+
+    return (yield from collect(paths(), res, f"dpkg: {path}"))
 
 
-def _files(info: str, name: str, arch: str) -> Steps[tuple[str, ...] | None]:
+def _files(info: str, name: str, arch: str,
+           res: DbResult) -> Steps[tuple[tuple[str, ...] | None, str]]:  # fmt: skip
     for cand in (f"{name}:{arch}.list", f"{name}.list"):
-        files = _list_file(os.path.join(info, cand))
+        got = yield from _list_paths(os.path.join(info, cand), res)
         yield 1
-        if files is not None:
-            return files
+        if got is not None:
+            return got
     for cand in (f"{name}:{arch}.md5sums", f"{name}.md5sums"):
-        files = _md5sums(os.path.join(info, cand))
-        if files is not None:
+        got = yield from _md5_paths(os.path.join(info, cand), res)
+        if got is not None:
             yield 1
-            return files
-    return None
+            return got
+    return None, ""
 
 
 def _package(st: dict[str, str], source: str, location: str,
-             files: tuple[str, ...] | None) -> Package:  # fmt: skip
+             got: tuple[tuple[str, ...] | None, str]) -> Package:  # fmt: skip
     return Package(
         ecosystem="deb", name=st["Package"], version=st.get("Version", ""),
-        arch=st.get("Architecture", ""), source=source, location=location, files=files,
+        arch=st.get("Architecture", ""), source=source, location=location, files=got[0],
+        reason=got[1],
     )  # fmt: skip
 
 
@@ -90,11 +109,11 @@ def scan(root: str) -> Steps[DbResult]:
     info = os.path.join(base, "info")
     text: str | None = None
     try:
-        text = read_text(status)
+        text = read_capped(status, MAX_DB_BYTES, res, "dpkg")
     except FileNotFoundError:
         pass
-    except OSError as exc:
-        res.errors.append(f"dpkg: {status}: {exc.strerror or exc}")
+    except (OSError, ValueError) as exc:
+        res.errors.append(f"dpkg: {status}: {getattr(exc, 'strerror', None) or exc}")
     yield 1
     if text is not None:
         for st in stanzas(text):
@@ -103,8 +122,8 @@ def scan(root: str) -> Steps[DbResult]:
             state = st.get("Status", "").split()
             if len(state) == 3 and state[2] not in _ON_DISK:
                 continue
-            files = yield from _files(info, st["Package"], st.get("Architecture", ""))
-            res.packages.append(_package(st, "dpkg", status, files))
+            got = yield from _files(info, st["Package"], st.get("Architecture", ""), res)
+            res.packages.append(_package(st, "dpkg", status, got))
     yield from _status_d(os.path.join(base, "status.d"), info, res)
     return res
 
@@ -123,7 +142,7 @@ def _status_d(sdir: str, info: str, res: DbResult) -> Steps[None]:
             continue
         path = os.path.join(sdir, entry)
         try:
-            text = read_text(path, 1 << 20)
+            text = read_capped(path, 1 << 20, res, "dpkg")
         except OSError as exc:
             res.errors.append(f"dpkg: {path}: {exc.strerror or exc}")
             continue
@@ -131,12 +150,12 @@ def _status_d(sdir: str, info: str, res: DbResult) -> Steps[None]:
         for st in stanzas(text):
             if "Package" not in st:
                 continue
-            files: tuple[str, ...] | None = None
+            got: tuple[tuple[str, ...] | None, str] | None = None
             for cand in (f"{entry}.md5sums", f"{st['Package']}.md5sums"):
                 if cand in have:
-                    files = _md5sums(os.path.join(sdir, cand))
+                    got = yield from _md5_paths(os.path.join(sdir, cand), res)
                     yield 1
                     break
-            if files is None:
-                files = yield from _files(info, st["Package"], st.get("Architecture", ""))
-            res.packages.append(_package(st, "dpkg-status.d", path, files))
+            if got is None:
+                got = yield from _files(info, st["Package"], st.get("Architecture", ""), res)
+            res.packages.append(_package(st, "dpkg-status.d", path, got))

@@ -12,16 +12,18 @@ Capability: read access to the directory.
 Cost: one listdir, then two small reads per distribution (the scan's units).
 
 Failure modes: a distribution without a readable name is skipped and named in
-``errors``; one without ``RECORD`` keeps ``files=None``; bad CSV rows are skipped.
+``errors``; one without ``RECORD`` keeps ``files=None``; bad CSV rows are skipped; paths
+with a NUL byte, or not absolute once joined and normalised, are dropped and counted; a
+list over the cap of :mod:`.model` is not indexed (``files=None`` with a ``reason``).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import os
+from collections.abc import Iterable
 
-from lw_embed.sources.packages.model import DbResult, Package, Steps, read_text
+from lw_embed.sources.packages.model import DbResult, Package, Steps, collect, lines_of, read_text
 
 SITE_DIR_NAMES = ("site-packages", "dist-packages")
 
@@ -41,31 +43,28 @@ def _headers(text: str) -> tuple[str, str]:
     return name, version
 
 
-def _record(text: str, base: str) -> tuple[str, ...]:
-    out = []
+def _record(lines: Iterable[str], base: str) -> Iterable[str]:
     try:
-        for row in csv.reader(io.StringIO(text)):
+        for row in csv.reader(lines):
             if row and row[0]:
-                out.append(os.path.normpath(os.path.join(base, row[0])))
+                yield os.path.join(base, row[0])
     except csv.Error:
         pass  # keep the rows read so far
-    return tuple(out)
 
 
-def _lines(text: str, base: str) -> tuple[str, ...]:
-    return tuple(os.path.normpath(os.path.join(base, p.strip()))
-                 for p in text.splitlines() if p.strip())  # fmt: skip
+def _lines(lines: Iterable[str], base: str) -> Iterable[str]:
+    return (os.path.join(base, p) for p in lines if p)
 
 
 def scan(root: str, site: str) -> Steps[DbResult]:
     """The distributions of the site directory ``site`` (a host path under ``root``)."""
     res = DbResult()
-    rel = site[len(root.rstrip("/")):] if root not in ("", "/") else site
+    rel = site[len(root.rstrip("/")) :] if root not in ("", "/") else site
     rel = rel or "/"
     try:
         entries = sorted(os.listdir(site))
-    except OSError as exc:
-        res.errors.append(f"python: {site}: {exc.strerror or exc}")
+    except (OSError, ValueError) as exc:
+        res.errors.append(f"python: {site}: {getattr(exc, 'strerror', None) or exc}")
         return res
     yield 1
     for entry in entries:
@@ -80,27 +79,27 @@ def scan(root: str, site: str) -> Steps[DbResult]:
         meta_host = os.path.join(path, meta) if is_dir else path
         try:
             name, version = _headers(read_text(meta_host, 1 << 20))
-        except OSError as exc:
-            res.errors.append(f"python: {meta_host}: {exc.strerror or exc}")
+        except (OSError, ValueError) as exc:
+            res.errors.append(f"python: {meta_host}: {getattr(exc, 'strerror', None) or exc}")
             continue
         yield 1
         if not name:
             res.errors.append(f"python: {meta_host}: no Name")
             continue
-        files: tuple[str, ...] | None = None
+        got: tuple[tuple[str, ...] | None, str] = (None, "")
         if is_dir:
+            list_host = os.path.join(path, listing)
             try:
-                text = read_text(os.path.join(path, listing))
+                lines = lines_of(list_host, res, "python")
+            except (OSError, ValueError):
+                lines = None
+            if lines is not None:
                 yield 1
-            except OSError:
-                text = None
-            if text is not None:
-                if source == "python-dist-info":
-                    files = _record(text, rel)
-                else:
-                    files = _lines(text, os.path.join(rel, entry))
+                paths = (_record(lines, rel) if source == "python-dist-info"
+                         else _lines(lines, os.path.join(rel, entry)))  # fmt: skip
+                got = yield from collect(paths, res, f"python: {list_host}")
         meta_rel = os.path.join(rel, entry, meta) if is_dir else os.path.join(rel, entry)
         res.packages.append(Package(ecosystem="pypi", name=name, version=version, arch="",
-                                    source=source, location=site, files=files,
-                                    meta_path=meta_rel))  # fmt: skip
+                                    source=source, location=site, files=got[0],
+                                    meta_path=meta_rel, reason=got[1]))  # fmt: skip
     return res
