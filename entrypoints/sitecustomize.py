@@ -3,7 +3,9 @@
 Python imports ``sitecustomize`` at start-up from ``sys.path``; this one starts the in-app
 agent when ``LW_EMBED_AUTOSTART`` is ``1``/``true``/``yes``, configured by the usual
 ``LW_EMBED_*`` variables (docs/inapp.md). It never stops the host: any error is printed
-on stderr in one line and the host runs on. If the image already had a sitecustomize on
+on stderr in one line and the host runs on. Once the agent is started,
+``LW_EMBED_AUTOSTART`` is removed from ``os.environ``: Python children do not start agents
+of their own (the host's agent sees them in /proc). If the image already had a sitecustomize on
 ``sys.path`` after this directory, it is run too (``LW_EMBED_CHAIN_SITECUSTOMIZE`` is not
 needed: the next one found is imported by path).
 """
@@ -25,6 +27,9 @@ def _autostart() -> None:
         import lw_embed
 
         lw_embed.start()
+        # children must not start agents of their own (one per `python -c`): the parent's
+        # agent reports them from /proc; a forked child gets its agent from the fork hook
+        os.environ.pop("LW_EMBED_AUTOSTART", None)
     except Exception as exc:  # the host must run whatever happens to the agent
         print(f"lw-embed: in-app agent not started: {type(exc).__name__}: {exc}",
               file=sys.stderr)  # fmt: skip

@@ -32,7 +32,7 @@ from lw_embed.kernel.procfs import exec_id, ticks_to_ns
 from lw_embed.records import R
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from lw_embed.sources.procfs import ProcInfo
 
@@ -75,10 +75,14 @@ class Proc:
     gid: int
     euid: int
     exited: bool = False
+    container_id: str = ""  # sidecar mode: the container it runs in ("" unknown)
 
     def record(self) -> dict[str, Any]:
         """The batch's process record for this process (keys in sorted order)."""
-        rec: dict[str, Any] = {"argv": list(self.argv), "exe": self.exe, "exec_id": self.exec_id}
+        rec: dict[str, Any] = {"argv": list(self.argv)}
+        if self.container_id:
+            rec["container_id"] = self.container_id
+        rec["exe"], rec["exec_id"] = self.exe, self.exec_id
         if self.parent_exec_id is not None:
             rec["parent_exec_id"] = self.parent_exec_id
         rec["pid"] = self.pid
@@ -91,7 +95,7 @@ class ProcessTable:
     """Processes by exec_id, with the current identity of each pid."""
 
     __slots__ = (
-        "_by_pid", "_entries", "_exited", "_missed", "ancestors_max", "boot_id",
+        "_by_pid", "_container", "_entries", "_exited", "_missed", "ancestors_max", "boot_id",
         "boot_time_ns", "evicted_live", "evictions", "max_entries", "pidns", "unknown_exits",
     )  # fmt: skip
 
@@ -102,6 +106,7 @@ class ProcessTable:
         boot_time_ns: int,
         ancestors_max: int,
         max_entries: int = DEFAULT_MAX_ENTRIES,
+        container: Callable[[int], str] | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
@@ -110,6 +115,8 @@ class ProcessTable:
         self.boot_time_ns = boot_time_ns
         self.ancestors_max = ancestors_max
         self.max_entries = max_entries
+        #: pid -> container id, asked when a process is first seen (the caller's I/O)
+        self._container = container
         self._entries: OrderedDict[str, Proc] = OrderedDict()  # creation order
         self._by_pid: dict[int, str] = {}  # pid -> exec_id of its newest entry
         self._exited: OrderedDict[str, None] = OrderedDict()  # exit order
@@ -206,6 +213,7 @@ class ProcessTable:
                 uid=parent.uid if parent else -1,
                 gid=parent.gid if parent else -1,
                 euid=parent.euid if parent else -1,
+                container_id=parent.container_id if parent else "",
             ),
         )
 
@@ -251,6 +259,7 @@ class ProcessTable:
                 uid=uid,
                 gid=gid,
                 euid=euid,
+                container_id=self._container(pid) if self._container is not None else "",
             )
             self._add(time_ns, p)
         return ProcessExec(

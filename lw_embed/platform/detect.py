@@ -5,7 +5,9 @@ Interface: environment variables set by the platform (``K_SERVICE``, ``CLOUD_RUN
 files ``/.dockerenv`` and ``/run/.containerenv``; optionally an
 :class:`lw_embed.platform.identity.Identity` that was detected with the metadata
 endpoints (its platform wins: the ECS task document's ``LaunchType`` tells Fargate from
-EC2, and a stop timeout it learnt is the grace).
+EC2). The shutdown grace is ``[shutdown] grace`` when set, else the platform's default
+(:func:`shutdown`): the ECS v4 metadata carries no ``stopTimeout``, and the cores decide
+the grace before any metadata could answer, so metadata never changes it.
 
 Capability: none. Cost: a few dict lookups and two ``stat``; no network here.
 
@@ -65,15 +67,17 @@ def platform_name(env: Mapping[str, str], root: str = "/") -> str:
 
 
 def detect(env: Mapping[str, str] | None = None, identity: Identity | None = None) -> Platform:
-    """The platform and its grace; ``identity`` (when given) refines both."""
+    """The platform and its default grace; ``identity`` (when given) refines the name."""
     if identity is not None:
         name = identity.platform
-        grace = float(identity.stop_timeout) if identity.stop_timeout > 0 else None
-        return Platform(name, grace or PLATFORM_GRACE.get(name, DEFAULT_GRACE))
+        return Platform(name, PLATFORM_GRACE.get(name, DEFAULT_GRACE))
     name = platform_name(os.environ if env is None else env)
     return Platform(name, PLATFORM_GRACE[name])
 
 
-def shutdown_grace(configured: float, plat: Platform) -> float:
-    """The whole SIGTERM-to-SIGKILL budget: config when set, else the platform's."""
-    return configured if configured > 0 else plat.grace
+def shutdown(configured: float, env: Mapping[str, str]) -> tuple[float, str]:
+    """The grace ``lw-embed run`` and ``sidecar`` use, and where it came from."""
+    if configured > 0:
+        return configured, "config ([shutdown] grace)"
+    plat = detect(env)
+    return plat.grace, f"{plat.name} default"

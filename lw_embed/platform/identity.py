@@ -38,7 +38,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +106,6 @@ class Identity:
     cloud: tuple[tuple[str, Value], ...] = ()
     kubernetes: tuple[tuple[str, str], ...] = ()
     gvisor: str = ""  # the marker seen, "" when not gVisor
-    stop_timeout: int = 0  # seconds, the platform's grace when metadata said so; 0 unknown
     limits: tuple[str, ...] = ()  # what this platform rules out or costs, for people
     metadata: str = "none"  # none (not tried) | ok | partial | failed | timeout
     errors: tuple[str, ...] = ()  # why metadata is missing, one line per document
@@ -174,6 +173,31 @@ def container_id_from_cgroup(text: str) -> ContainerId:
     return ContainerId(found, "cgroup", ecs_task, pod_uid)
 
 
+class ContainerOfPid:
+    """``pid -> container id`` from ``/proc/<pid>/cgroup`` (the sidecar's processes live in
+    other containers than its own); parsed once per distinct cgroup text, bounded."""
+
+    MAX = 1024
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = proc
+        self._cache: dict[str, str] = {}
+
+    def __call__(self, pid: int) -> str:
+        try:
+            with open(f"{self.proc}/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
+                text = f.read(1 << 16)
+        except OSError:
+            return ""
+        cid = self._cache.get(text)
+        if cid is None:
+            cid = container_id_from_cgroup(text).id
+            if len(self._cache) >= self.MAX:
+                self._cache.clear()
+            self._cache[text] = cid
+        return cid
+
+
 def _unescape_mount(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
@@ -228,7 +252,7 @@ def _pairs(d: Mapping[str, Value | None]) -> tuple[tuple[str, Value], ...]:
     return tuple(sorted((k, v) for k, v in d.items() if v is not None and v != ""))
 
 
-def _limits(platform: str, gvisor: str, stop_timeout: int) -> tuple[str, ...]:
+def _limits(platform: str, gvisor: str) -> tuple[str, ...]:
     out: list[str] = []
     if gvisor:
         out.append("gVisor sandbox (Cloud Run gen1 or runsc): ptrace and seccomp are "
@@ -240,7 +264,7 @@ def _limits(platform: str, gvisor: str, stop_timeout: int) -> tuple[str, ...]:
                    "SIGKILL comes 10 s after SIGTERM")  # fmt: skip
     if platform == "fargate":
         out.append("Fargate: SYS_PTRACE is the only capability a task definition can add")
-    if platform in ("fargate", "ecs") and not stop_timeout:
+    if platform in ("fargate", "ecs"):
         out.append("ECS: the container's stopTimeout is not in the task metadata; the "
                    "shutdown grace assumes 30 s unless [shutdown] grace says "
                    "otherwise")  # fmt: skip
@@ -305,7 +329,7 @@ def from_env(env: Mapping[str, str] | None = None, root: str = "/") -> Identity:
         cloud=_pairs(cloud),
         kubernetes=tuple((k, str(v)) for k, v in _pairs(k8s)),
         gvisor=gv,
-        limits=_limits(plat, gv, 0),
+        limits=_limits(plat, gv),
     )
 
 
@@ -365,10 +389,9 @@ def _merge_ecs(ident: Identity, got: md.Fetched) -> Identity:
     cid, src = ident.container_id, ident.container_id_source
     if not cid and v.get("docker_id"):
         cid, src = v["docker_id"], "metadata"
-    stop = int(v.get("stop_timeout", 0))
     return dataclasses.replace(
         ident, platform=plat, container_id=cid, container_id_source=src,
-        cloud=_pairs(cloud), stop_timeout=stop, limits=_limits(plat, ident.gvisor, stop),
+        cloud=_pairs(cloud), limits=_limits(plat, ident.gvisor),
         metadata=_status(got), errors=tuple(got.errors),
     )  # fmt: skip
 
@@ -398,8 +421,10 @@ class LiveIdentity:
 
     def __init__(self, env: Mapping[str, str] | None = None, *, root: str = "/",
                  budget: float = DEFAULT_BUDGET, fetch: bool = True,
-                 extra: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+                 extra: Mapping[str, Any] | None = None,
+                 on_thread: Callable[[], None] | None = None) -> None:  # fmt: skip
         env = dict(os.environ if env is None else env)
+        self._on_thread = on_thread
         self.budget = max(0.0, budget)
         self._extra = dict(extra or {})
         self._deadline = time.monotonic() + self.budget
@@ -422,6 +447,8 @@ class LiveIdentity:
         return self._state[0]
 
     def _fetch(self, env: Mapping[str, str]) -> None:
+        if self._on_thread is not None:  # the in-app agent: its requests are not the host's
+            self._on_thread()
         try:
             self._set(with_metadata(self._ident, env, self._deadline))
         except Exception as exc:  # a parser bug must not kill the identity
@@ -454,9 +481,12 @@ class LiveIdentity:
 
 def start(env: Mapping[str, str] | None = None, *, root: str = "/",
           budget: float = DEFAULT_BUDGET, fetch: bool = True,
-          extra: Mapping[str, Any] | None = None) -> LiveIdentity:  # fmt: skip
-    """Detect now from the environment, complete from metadata in the background."""
-    return LiveIdentity(env, root=root, budget=budget, fetch=fetch, extra=extra)
+          extra: Mapping[str, Any] | None = None,
+          on_thread: Callable[[], None] | None = None) -> LiveIdentity:  # fmt: skip
+    """Detect now from the environment, complete from metadata in the background
+    (``on_thread`` is called first in that thread)."""
+    return LiveIdentity(env, root=root, budget=budget, fetch=fetch, extra=extra,
+                        on_thread=on_thread)
 
 
 def detect(env: Mapping[str, str] | None = None, *, root: str = "/",

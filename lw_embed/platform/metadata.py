@@ -131,20 +131,6 @@ def text(value: object) -> str:
     return "".join(c for c in v if c.isprintable()).strip()
 
 
-def seconds(value: object, lo: int = 1, hi: int = 3600) -> int:
-    """A whole number of seconds within [lo, hi] from ``value`` (int or digit string), else 0.
-
-    bool is not a number here.
-    """
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, int) and lo <= value <= hi:
-        return value
-    return 0
-
-
 # -- ECS task metadata v4 ----------------------------------------------------------------
 
 #: task document fields kept: JSON key -> our name
@@ -159,10 +145,8 @@ _ECS_CONTAINER = {"Name": "container_name", "DockerId": "docker_id",
 def fetch_ecs(uri: str, deadline: float) -> Fetched:
     """The container document ``uri`` and the task document ``uri/task``.
 
-    ``stop_timeout`` (seconds) is taken from the container document when it carries one
-    (``StopTimeout`` or ``stopTimeout``): the documented v4 response does not, so on
-    today's agents it stays unknown.
-    """
+    The v4 documents carry no ``stopTimeout``: the shutdown grace is never taken from
+    here (see :mod:`lw_embed.platform.detect`)."""
     out = Fetched()
     base = uri.rstrip("/")
     try:
@@ -173,9 +157,6 @@ def fetch_ecs(uri: str, deadline: float) -> Fetched:
         for key, name in _ECS_CONTAINER.items():
             if v := text(cont.get(key)):
                 out.values[name] = v
-        stop = seconds(cont.get("StopTimeout", cont.get("stopTimeout")), 1, 3600)
-        if stop:
-            out.values["stop_timeout"] = stop
     try:
         task = get_json_object(base + "/task", deadline)
     except FetchError as exc:

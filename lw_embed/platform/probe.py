@@ -83,7 +83,7 @@ def has_cap(cap_eff_hex: str, cap: int) -> bool:
         return False
 
 
-def _errname(e: int) -> str:
+def errname(e: int) -> str:
     return errno.errorcode.get(e, str(e))
 
 
@@ -107,7 +107,7 @@ def probe_ptrace() -> tuple[Probe, Probe]:
         try:
             pt.seize(pid, pt.PTRACE_O_EXITKILL)
         except OSError as exc:
-            return Probe(False, f"PTRACE_SEIZE: {_errname(exc.errno or 0)}"), Probe(
+            return Probe(False, f"PTRACE_SEIZE: {errname(exc.errno or 0)}"), Probe(
                 False, "no ptrace"
             )
         try:
@@ -116,7 +116,7 @@ def probe_ptrace() -> tuple[Probe, Probe]:
             pt.get_syscall_info(pid)
             info = Probe(True, "PTRACE_GET_SYSCALL_INFO")
         except OSError as exc:
-            info = Probe(False, f"PTRACE_GET_SYSCALL_INFO: {_errname(exc.errno or 0)}")
+            info = Probe(False, f"PTRACE_GET_SYSCALL_INFO: {errname(exc.errno or 0)}")
         return Probe(True, "PTRACE_SEIZE"), info
     finally:
         with contextlib.suppress(OSError):
@@ -147,7 +147,7 @@ def probe_seccomp(need_nnp: bool) -> Probe:
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
     if code == 0:
         return Probe(True, "SECCOMP_MODE_FILTER" + (" after NO_NEW_PRIVS" if need_nnp else ""))
-    return Probe(False, f"PR_SET_SECCOMP: {_errname(code)}")
+    return Probe(False, f"PR_SET_SECCOMP: {errname(code)}")
 
 
 def _kernel_at_least(release: str, want: tuple[int, int]) -> bool:
@@ -185,10 +185,6 @@ def gvisor_marker(proc: str = "/proc") -> str:
     if "gVisor" in version or GVISOR_BUILD in version:
         return f"{proc}/version: {version.strip()[:80]}"
     return ""
-
-
-def is_gvisor(proc: str = "/proc") -> bool:
-    return bool(gvisor_marker(proc))
 
 
 def probe(mode: str = "auto", seccomp_mode: str = "auto", nnp_mode: str = "auto",

@@ -7,7 +7,9 @@ person. The JSON form (``lw-embed env --json``) is the dict :func:`build` return
 
 Capability: none to run; the probes say which capabilities are usable.
 
-Cost: the probes (two forks, a few ms) plus at most the metadata budget (1 s default).
+Cost: the probes (two forks, a few ms) plus at most the metadata budget (1 s default);
+per worker source, its module's import and its ``probe(cfg, mode)`` when it has one
+(sources without one are listed as ``?``: building them could start scans).
 
 Failure modes: none of its own — an endpoint that is down shows as
 ``identity.metadata = "failed"`` (or ``timeout``) with the reason in
@@ -24,10 +26,6 @@ from lw_embed import __version__
 from lw_embed.config import Config
 from lw_embed.platform import detect, identity, probe
 
-#: the ``env --json`` top-level keys, for readers
-KEYS = ("effects", "identity", "limits", "pid", "platform", "probes", "reasons", "resource",
-        "shutdown_grace", "shutdown_grace_source", "techniques", "version")  # fmt: skip
-
 
 def _identity_dict(ident: identity.Identity) -> dict[str, Any]:
     return {
@@ -39,38 +37,80 @@ def _identity_dict(ident: identity.Identity) -> dict[str, Any]:
         "hostname": ident.hostname,
         "kubernetes": dict(ident.kubernetes),
         "metadata": ident.metadata,
-        "stop_timeout": ident.stop_timeout,
     }
 
 
+MODES = ("run", "sidecar", "in-app")
+#: the worker's name for each mode (SourceContext.mode)
+_WORKER_MODE = {"run": "wrapper", "sidecar": "sidecar", "in-app": "in-app"}
+
+
 def build(cfg: Config, env: Mapping[str, str], *, budget: float = identity.DEFAULT_BUDGET,
-          fetch: bool = True, root: str = "/") -> dict[str, Any]:  # fmt: skip
-    """Everything ``lw-embed env`` shows, as JSON-ready data with sorted keys."""
+          fetch: bool = True, root: str = "/", mode: str = "run") -> dict[str, Any]:  # fmt: skip
+    """Everything ``lw-embed env`` shows, as JSON-ready data with sorted keys; the
+    techniques are those of ``mode`` (run | sidecar | in-app)."""
     from lw_embed.sources.tracer import TracerOptions, seccomp_rules
 
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}")
     ident = identity.detect(env, root=root, budget=budget, fetch=fetch)
     plat = detect.detect(env, identity=ident)
-    if cfg.shutdown.grace > 0:
-        grace_source = "config ([shutdown] grace)"
-    elif ident.stop_timeout:
-        grace_source = "metadata (stopTimeout)"
-    else:
-        grace_source = f"{plat.name} default"
+    grace, grace_source = detect.shutdown(cfg.shutdown.grace, env)  # exactly the cores'
     t = cfg.tracer
-    rules = seccomp_rules(TracerOptions(t.argv_max_bytes, t.argv_max_args, t.trace_connect))
-    caps = probe.probe(t.mode, t.seccomp, t.no_new_privs, want_seccomp=bool(rules))
+    if mode == "sidecar":  # no seccomp filter there: it could never be removed
+        caps = probe.probe(t.mode, "off", t.no_new_privs, want_seccomp=False)
+        if caps.techniques.get("processes") != "procfs":
+            caps.techniques["processes"] = "ptrace"
+            caps.reasons["processes"] = ("PTRACE_SEIZE of the processes in scope, no "
+                                         "seccomp filter")  # fmt: skip
+        caps.techniques["network.connect"] = "none"
+        caps.reasons["network.connect"] = "sidecar mode installs no seccomp filter"
+    elif mode == "in-app":
+        caps = probe.Capabilities(probes={}, techniques={"processes": "procfs"},
+                                  reasons={"processes": "in-app: the host's children from "
+                                                        "/proc"})  # fmt: skip
+    else:
+        rules = seccomp_rules(TracerOptions(t.argv_max_bytes, t.argv_max_args,
+                                            t.trace_connect))  # fmt: skip
+        caps = probe.probe(t.mode, t.seccomp, t.no_new_privs, want_seccomp=bool(rules))
+    for name, (tech, why) in source_techniques(cfg, _WORKER_MODE[mode]).items():
+        caps.techniques[name], caps.reasons[name] = tech, why
     report: dict[str, Any] = {
         "identity": _identity_dict(ident),
         "limits": list(ident.limits),
+        "mode": mode,
         "pid": os.getpid(),
         "platform": plat.name,
         "resource": ident.resource(),
-        "shutdown_grace": detect.shutdown_grace(cfg.shutdown.grace, plat),
+        "shutdown_grace": grace,
         "shutdown_grace_source": grace_source,
         "version": __version__,
         **caps.report(),
     }
     return dict(sorted(report.items()))
+
+
+def source_techniques(cfg: Config, mode: str) -> dict[str, tuple[str, str]]:
+    """(technique, reason) of every worker source in ``mode``: the source module's cheap
+    ``probe(cfg, mode)`` when it has one (nothing is built or started), else a pointer
+    to the running agent's report."""
+    import importlib
+
+    from lw_embed.sources.base import FACTORIES
+
+    out: dict[str, tuple[str, str]] = {}
+    for name, target in FACTORIES.items():
+        module = target.partition(":")[0]
+        try:
+            fn = getattr(importlib.import_module(module), "probe", None)
+            if fn is None:
+                out[name] = ("?", "decided when the source starts: see agent.capabilities")
+                continue
+            tech, why = fn(cfg, mode)
+            out[name] = (str(tech), str(why))
+        except Exception as exc:  # a broken source module is what the agent would see too
+            out[name] = ("none", f"{type(exc).__name__}: {exc}")
+    return out
 
 
 def _kv(d: Mapping[str, Any], indent: str = "  ") -> list[str]:
@@ -81,7 +121,8 @@ def render(report: Mapping[str, Any]) -> str:
     """The report for a person: one section per concern, techniques last."""
     ident = report["identity"]
     lines = [
-        f"lw-embed {report['version']} on {report['platform']} (pid {report['pid']}); "
+        f"lw-embed {report['version']} ({report['mode']} mode) on {report['platform']} "
+        f"(pid {report['pid']}); "
         f"shutdown grace {report['shutdown_grace']:g}s ({report['shutdown_grace_source']})",
         "",
         "identity:",

@@ -8,21 +8,29 @@ children), and whatever other source of :data:`lw_embed.sources.base.FACTORIES` 
 (:class:`lw_embed.runtime.pipeline.Pipeline`) with no record pipe.
 
 Interface: one daemon thread (``lw-embed``) runs the pipeline loop, the shipper its own
-(``lw-shipper``); both are ignored by the hook. ``os.register_at_fork`` (child: the
-parent's queue, fds and threads are dropped and a new agent starts on a private spool,
-``<spool>.<pid>``, with a new instance id), ``atexit`` (stop within ``shutdown.flush``)
-and, only with ``inapp.sigterm = true``, a SIGTERM handler chained in front of the app's.
+(``lw-shipper``, with ``lw-shipper-dns`` executor threads for name lookups when there is a
+backend), the metadata fetch another (``lw-embed-identity``, on ECS and Cloud Run, for at
+most its budget); every thread the agent starts calls :func:`_own_thread` first, so the
+hook ignores its calls. The heavy imports (pipeline, spool, shipper) run in the agent's
+thread: :func:`start` only parses the config and installs the hook.
+``os.register_at_fork`` (child: the parent's queue, fds and threads are dropped and a new
+agent starts on a private spool, ``<spool>.<pid>``, with a new instance id), ``atexit``
+(stop within ``shutdown.flush``) and, only with ``inapp.sigterm = true``, a SIGTERM
+handler chained in front of the app's.
 
 Capability: none beyond a writable data dir (and /proc for the children).
 
 Cost: the hook's (see :mod:`lw_embed.sources.audit`); the pipeline's work per event runs
 in the agent thread, which competes for the GIL with the host (a few us per event).
-:func:`start` returns at once: the spool is opened in the agent thread.
+:func:`start` returns at once: the spool is opened in the agent thread. ``os.exec*`` in
+the host waits up to :data:`lw_embed.sources.audit.EXEC_WAIT` for its event to be synced
+into the spool (the process image is replaced right after).
 
 Failure modes: a bad option raises :class:`~lw_embed.errors.ConfigError` from
 :func:`start` naming the key (the sitecustomize entry point prints it and the host goes
-on). Nothing else reaches the host: an agent that cannot start (no usable spool) logs
-why and leaves the host alone; the host never blocks on the agent except in
+on). Nothing else reaches the host: an agent that cannot start (no usable spool) or whose
+loop fails logs why (stderr unless the host's logging routes it elsewhere), turns the
+hook off and keeps the reason for :func:`status`; the host never blocks on the agent except in
 :func:`stop`/:func:`flush` and at exit, for at most the flush budget. Events the hook
 queued after the agent stopped are not reported (the hook is off by then).
 """
@@ -38,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lw_embed import __version__
 from lw_embed.config import (
@@ -49,11 +57,10 @@ from lw_embed.config import (
     with_overrides,
 )
 from lw_embed.errors import ConfigError
-from lw_embed.events import AgentCapabilities, AgentStatus
-from lw_embed.kernel import procfs
-from lw_embed.runtime.pipeline import Pipeline
-from lw_embed.runtime.worker import Spec
 from lw_embed.sources import audit
+
+if TYPE_CHECKING:
+    from lw_embed.runtime.inapp_pipeline import InAppPipeline
 
 log = logging.getLogger("lw_embed.inapp")
 
@@ -64,7 +71,6 @@ CLI_OPTIONS = {"output": "output.dir", "data_dir": "agent.data_dir", "backend": 
 #: environment variables the CLI reads besides LW_EMBED_<SECTION>_<KEY>
 CLI_ENV = {"LW_EMBED_DATA_DIR": "agent.data_dir", "LW_EMBED_BACKEND": "backend.url",
            "LW_EMBED_TOKEN": "backend.token"}  # fmt: skip
-STATUS_EVERY = 10.0
 #: aggregation of the audit kinds unless [aggregate.keys] is set: a log file opened per
 #: request is one file.write per path and window, with its count
 INAPP_AGGREGATE_KEYS = {
@@ -75,6 +81,8 @@ INAPP_AGGREGATE_KEYS = {
 #: a forked child waits this long before it builds its agent: a child that execs at once
 #: (subprocess with preexec_fn) then leaves no private spool behind
 FORK_START_DELAY = 0.1
+#: a fork waits at most this long for a starting agent's imports to finish
+FORK_IMPORT_WAIT = 2.0
 
 
 def build_config(options: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Config, str | None]:
@@ -110,40 +118,9 @@ def build_config(options: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Co
     return cfg, path
 
 
-class InAppPipeline(Pipeline):
-    """The pipeline in the host: the host reported once from /proc, a capability report
-    and status events of its own (no core sends them), its threads kept out of the hook."""
-
-    _next_status = 0.0
-
-    def _start_shipper(self) -> None:
-        shipper: Any = self.shipper
-        run = shipper._run
-
-        def tracked() -> None:
-            audit.own_thread(threading.get_ident())
-            run()
-
-        shipper._run = tracked  # its thread target, looked up by start()
-        super()._start_shipper()
-        t = self.wall()
-        host = self.spec.core_pid
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            info = self.reconciler.read_info(procfs.read_stat(host))
-            if info is not None:
-                self._emit(self.table.observe_procfs(info, t))
-        report = {"mode": "in-app", "pid": host, "version": self.spec.version,
-                  "techniques": {"processes": "procfs"},
-                  "reasons": {"processes": "in-app: the host's children from /proc "
-                                           f"(scope {self.spec.scope})"}}  # fmt: skip
-        self._emit(AgentCapabilities(time=t, report=self._with_sources(report)))
-        self._next_status = self.mono() + STATUS_EVERY
-
-    def _tick(self) -> None:
-        super()._tick()
-        if self.mono() >= self._next_status:
-            self._next_status = self.mono() + STATUS_EVERY
-            self._emit(AgentStatus(time=self.wall(), metrics=self.metrics()))
+def _own_thread() -> None:
+    """Called first in every thread the agent starts: the hook ignores its calls."""
+    audit.own_thread(threading.get_ident())
 
 
 class Agent:
@@ -163,32 +140,54 @@ class Agent:
         self.thread.start()
 
     def _main(self) -> None:
-        audit.own_thread(threading.get_ident())
+        _own_thread()
         if self.delay and self.stopping.wait(self.delay):
             self.ready.set()
             return
-        try:
+        try:  # the heavy imports happen here, not in the host's start()
+            from lw_embed.runtime.inapp_pipeline import InAppPipeline
+            from lw_embed.runtime.worker import Spec
+
             scope = self.cfg.processes.scope
             spec = Spec(config=self.cfg, core_pid=os.getpid(),
                         instance_id=self.cfg.agent.instance_id, mode="in-app",
                         scope="tree" if scope == "auto" else scope, version=__version__,
                         config_path=self.config_path)  # fmt: skip
-            self.pipeline = InAppPipeline(spec, None, env=self.env, worker_pid=-1)
+            self.pipeline = InAppPipeline(spec, None, env=self.env, worker_pid=-1,
+                                          on_thread=_own_thread)  # fmt: skip
         except Exception as exc:  # no usable spool, unreadable token file, ...
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.error("lw-embed in-app agent not started: %s", self.error)
-            audit.deactivate()
+            self._failed(f"not started: {type(exc).__name__}: {exc}")
             self.ready.set()
             return
+        pipeline = self.pipeline
+        audit.STATE.exec_flush = self._exec_flush
         self.ready.set()
         if self.stopping.is_set():
-            self.pipeline.request_stop()
+            pipeline.request_stop()
         try:
-            self.pipeline.run()
-        except Exception:
-            log.exception("lw-embed in-app agent failed")
+            pipeline.run()
+        except Exception as exc:  # a bug: say why, and leave the host as it was
+            self._failed(f"failed: {type(exc).__name__}: {exc}", exc_info=True)
+            with contextlib.suppress(Exception):
+                pipeline._finish()  # what it can: ship within the budget, free the spool
         finally:
-            self.pipeline.close_wake()
+            audit.deactivate()
+            if audit.STATE.exec_flush == self._exec_flush:
+                audit.STATE.exec_flush = None
+            pipeline.close_wake()
+
+    def _failed(self, why: str, exc_info: bool = False) -> None:
+        """The agent is gone: the hook off, the reason kept (:func:`status`) and logged
+        (on stderr unless the host's logging says otherwise)."""
+        audit.deactivate()
+        self.error = why
+        log.error("lw-embed in-app agent %s", why, exc_info=exc_info)
+
+    def _exec_flush(self, timeout: float) -> bool:
+        """From the hook, before ``os.exec*`` replaces the process: the queued calls into
+        the spool and synced, waiting at most ``timeout``."""
+        p = self.pipeline
+        return p is not None and p.request_flush().wait(timeout)
 
     def stop(self, timeout: float) -> bool:
         """Stop within ``timeout`` seconds; True when the thread ended in time."""
@@ -224,7 +223,7 @@ class Agent:
             self.pipeline.abandon()
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # RLock: the SIGTERM handler may run while start() holds it
 _agent: Agent | None = None
 _hooks_registered = False
 _prev_sigterm: Any = None
@@ -269,17 +268,35 @@ def flush(timeout: float | None = None) -> bool:
     return agent.flush(agent.cfg.shutdown.flush if timeout is None else max(0.0, timeout))
 
 
-def running() -> bool:
+def status() -> dict[str, Any]:
+    """The agent's state: ``running`` (its thread is alive), ``error`` (why it stopped or
+    never started, else None)."""
     agent = _agent
-    return agent is not None and agent.thread.is_alive()
+    return {"running": agent is not None and agent.thread.is_alive(),
+            "error": None if agent is None else agent.error}  # fmt: skip
 
 
 def _register_hooks() -> None:
     global _hooks_registered
     if not _hooks_registered:
         _hooks_registered = True
+        # imported here, not in the agent thread during a fork that _before_fork holds:
+        # its at-fork hooks would then be half run (a lock released that was never taken)
+        import concurrent.futures.thread  # noqa: F401
+
         atexit.register(_at_exit)
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def _before_fork() -> None:
+    """Let the agent thread finish its imports first (bounded): a module it is importing
+    at the fork would stay half-initialised in the child, whose agent could not start."""
+    agent = _agent
+    if agent is None or agent.thread.ident == threading.get_ident():
+        return
+    end = time.monotonic() + FORK_IMPORT_WAIT
+    while not agent.ready.is_set() and time.monotonic() < end:
+        time.sleep(0.002)  # no Condition here: a lock waited on across fork breaks
 
 
 def _at_exit() -> None:
@@ -289,7 +306,7 @@ def _at_exit() -> None:
 
 def _after_fork_in_child() -> None:
     global _agent, _lock
-    _lock = threading.Lock()  # another thread of the parent may have held it
+    _lock = threading.RLock()  # another thread of the parent may have held it
     audit.reset_after_fork()
     parent, _agent = _agent, None
     if parent is None or parent.stopping.is_set():
@@ -316,6 +333,10 @@ def _chain_sigterm() -> None:
     prev = signal.getsignal(signal.SIGTERM)
     if prev is signal.SIG_IGN or getattr(prev, "__name__", "") == "_on_sigterm":
         return
+    if prev is None:  # a handler installed from C: it cannot be called from here
+        log.warning("inapp.sigterm: SIGTERM has a handler installed outside Python; "
+                    "left in place, none chained")  # fmt: skip
+        return
     _prev_sigterm = prev
 
     def _on_sigterm(signum: int, frame: Any) -> None:
@@ -326,6 +347,8 @@ def _chain_sigterm() -> None:
             handler: Callable[[int, Any], Any] = prev
             handler(signum, frame)
             return
+        if prev is not signal.SIG_DFL:
+            return  # unknown: neither called nor turned into a kill
         stop()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)

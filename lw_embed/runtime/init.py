@@ -38,7 +38,13 @@ from lw_embed.kernel import procfs, seccomp
 from lw_embed.kernel import ptrace as pt
 from lw_embed.platform import detect, probe
 from lw_embed.records import R, frame
-from lw_embed.runtime.supervisor import CATCHABLE, RECORD_FD, WORKER_HELD, Supervisor
+from lw_embed.runtime.supervisor import (
+    CATCHABLE,
+    RECORD_FD,
+    WORKER_HELD,
+    Supervisor,
+    drain_budget,
+)
 from lw_embed.sources.filetrace import trace_roots
 from lw_embed.sources.tracer import Tracer, TracerOptions, ptrace_options, seccomp_rules
 
@@ -50,8 +56,6 @@ FORWARDED = CATCHABLE - {signal.SIGCHLD}
 TERMINAL_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 TREE_CHECK_EVERY = 0.05
 OUTBOX_FLUSH_AT = 1 << 16
-#: what the core keeps for itself at the end of the platform's grace
-SHUTDOWN_MARGIN = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +137,7 @@ class Core:
         self.opts = opts
         self.cfg = opts.config
         self.env = dict(env)
-        plat = detect.detect(env)
-        self.grace = detect.shutdown_grace(self.cfg.shutdown.grace, plat)
+        self.grace = detect.shutdown(self.cfg.shutdown.grace, env)[0]
         self.flush_budget = min(self.cfg.shutdown.flush, self.grace / 2)
         self.instance_id = self.cfg.agent.instance_id  # "" = the worker keeps one per spool
         self.main_pid = 0
@@ -377,13 +380,10 @@ class Core:
 
     # -- the end --------------------------------------------------------------------------
     def _finish(self) -> None:
-        """Hand the worker what is buffered, let it drain, and never wait past the budget:
-        after a SIGTERM, what is left of the platform's grace (less a margin for our own
-        exit); otherwise ``shutdown.flush``."""
-        now = time.monotonic()
-        budget = self.flush_budget
-        if self.term_at is not None:
-            budget = max(budget, self.term_at + self.grace - SHUTDOWN_MARGIN - now)
+        """Hand the worker what is buffered, let it drain, and never wait past the budget
+        (:func:`~lw_embed.runtime.supervisor.drain_budget`)."""
+        budget = drain_budget(self.cfg.shutdown.flush, self.grace, self.term_at,
+                              time.monotonic())  # fmt: skip
         self.sup.finish("workload exited", budget)
 
 

@@ -1,8 +1,9 @@
 """The worker's pipeline loop, usable in the worker process and in a thread of a host.
 
-Interface: ``select(2)`` on the record pipe (when there is one, ``O_NONBLOCK``), a wake
-pipe (the worker process points ``signal.set_wakeup_fd`` at it; :meth:`Pipeline.request_stop`
-and :meth:`Pipeline.request_flush` write to it from any thread) and every source's fd, with
+Interface: ``poll(2)`` (no fd limit: an in-app host may hold fds >= 1024) on the record
+pipe (when there is one, ``O_NONBLOCK``), a wake pipe (the worker process points
+``signal.set_wakeup_fd`` at it; :meth:`Pipeline.request_stop` and
+:meth:`Pipeline.request_flush` write to it from any thread) and every source's fd, with
 the timeout set by the next reconcile pass, aggregation window, spool sync or loss report;
 :class:`~lw_embed.records.FrameReader` -> :func:`~lw_embed.records.decode_payload` ->
 :class:`~lw_embed.pipeline.enrich.ProcessTable` -> filter -> aggregate ->
@@ -14,7 +15,7 @@ the launch JSON) are in :mod:`lw_embed.runtime.worker`; the in-app runner is
 
 Capability: none beyond those of the /proc source; a writable data dir.
 
-Cost: idle, it sleeps in select; per record a decode, a dict update, a ``to_wire``, the
+Cost: idle, it sleeps in poll; per record a decode, a dict update, a ``to_wire``, the
 filter and aggregate steps and one spool append (one ``write(2)``); one group fdatasync
 per ``spool.sync_interval``.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import select
 import tempfile
@@ -61,6 +63,7 @@ from lw_embed.pipeline.filter import FilterProgram, process_context
 from lw_embed.pipeline.reload import RulesWatcher
 from lw_embed.platform import identity as platform_identity
 from lw_embed.records import R
+from lw_embed.runtime import adopt
 from lw_embed.runtime.shipper import (
     BatchSink,
     FileBatchSink,
@@ -69,7 +72,6 @@ from lw_embed.runtime.shipper import (
     ShipperLimits,
 )
 from lw_embed.sinks.files import FileSink
-from lw_embed.sinks.http import HttpSender
 from lw_embed.sources import base as sources_base
 from lw_embed.sources.base import SourceContext, WorkerSource
 from lw_embed.sources.procfs import Reconciler
@@ -160,6 +162,8 @@ def _sink(cfg: Config, out_dir: str, instance_id: str, version: str) -> BatchSin
     b = cfg.backend
     if not b.url:
         return FileBatchSink(FileSink(out_dir), instance_id)
+    from lw_embed.sinks.http import HttpSender  # aiohttp: only with a backend
+
     token = b.token
     if b.token_file:
         with open(b.token_file, encoding="utf-8") as f:
@@ -173,13 +177,40 @@ def _sink(cfg: Config, out_dir: str, instance_id: str, version: str) -> BatchSin
     return HttpBatchSink(sender, b.compression_quality)
 
 
+class _Poller:
+    """``poll(2)`` over a set of fds that changes rarely (registrations kept between
+    calls); fds the kernel calls invalid are left out until they change."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._fds: set[int] = set()
+        self._bad: set[int] = set()
+
+    def wait(self, fds: Sequence[int], timeout: float) -> set[int]:
+        want = set(fds) - self._bad
+        for f in self._fds - want:
+            self._poll.unregister(f)
+        for f in want - self._fds:
+            self._poll.register(f, select.POLLIN)
+        self._fds = want
+        ready: set[int] = set()
+        for f, ev in self._poll.poll(math.ceil(timeout * 1000)):
+            if ev & select.POLLNVAL:
+                log.error("fd %d is not open; no longer waited on", f)
+                self._bad.add(f)
+            else:
+                ready.add(f)
+        return ready
+
+
 class Pipeline:
     """The pipeline's state and loop: records from ``fd`` (None: no record pipe, the loop
     runs until :meth:`request_stop`) and events from the sources, into the spool.
 
     ``worker_pid``: the process whose subtree the /proc reconciler leaves out as the
     agent's own (default: this process; the in-app runner passes -1, as the host's
-    children are what it watches)."""
+    children are what it watches). ``on_thread``: called first in every thread the
+    pipeline starts (shipper, identity, executor): the in-app runner marks them its own."""
 
     def __init__(
         self,
@@ -192,6 +223,7 @@ class Pipeline:
         mono: Callable[[], float] = time.monotonic,
         sources: Sequence[WorkerSource] | None = None,
         worker_pid: int | None = None,
+        on_thread: Callable[[], None] | None = None,
     ) -> None:
         cfg = spec.config
         self.spec, self.cfg, self.fd, self.wall, self.mono = spec, cfg, fd, wall, mono
@@ -201,7 +233,11 @@ class Pipeline:
             boot_ns = procfs.boot_time_ns(proc)
         except OSError:
             boot_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        self.table = ProcessTable(boot, pidns, boot_ns, cfg.processes.ancestors_max)
+        sidecar = spec.mode == "sidecar"  # its processes are in other containers
+        self.table = ProcessTable(
+            boot, pidns, boot_ns, cfg.processes.ancestors_max,
+            container=platform_identity.ContainerOfPid(proc) if sidecar else None,
+        )  # fmt: skip
         self.reconciler = Reconciler(
             self.table, spec.scope, spec.core_pid,
             os.getpid() if worker_pid is None else worker_pid, proc,
@@ -209,13 +245,18 @@ class Pipeline:
         )  # fmt: skip
         uid = os.getuid()
         self.spool, spool_dir = _open_spool(cfg, resolved_spool_dir(cfg, uid, env), mono)
+        self.spool_dir = spool_dir
+        self._finished = False
+        self.adopter = adopt.Adopter(self.spool, spool_dir, cfg.spool, self._count)
         instance = spec.instance_id or instance_id_of(spool_dir)
         self.agent = AgentIdentity(instance, spec.version, spec.mode)
         # platform, container and cloud identity; the metadata endpoint (ECS, Cloud Run)
         # is asked in the background, so it never delays the first read
         self.identity = platform_identity.start(
             env, root=os.path.dirname(os.path.abspath(proc)) or "/",
-            extra={"boot_id": boot, "pid_namespace": pidns},
+            extra={"boot_id": boot, "pid_namespace": pidns, **({"observer": True} if sidecar
+                                                                else {})},
+            on_thread=on_thread,
         )  # fmt: skip
         self.program = FilterProgram(cfg.filter)
         a = cfg.aggregate
@@ -242,6 +283,7 @@ class Pipeline:
             processes=self._process_records,
             loss=self.totals,
             deadletter_dir=os.path.join(resolved_data_dir(cfg, uid, env), "deadletter"),
+            on_thread=on_thread,
         )  # fmt: skip
         self.reader = records.FrameReader()
         self.counts: dict[str, int] = {}
@@ -309,13 +351,15 @@ class Pipeline:
             # the next pass is reported (from /proc) then
             self.reconciler.reconcile(self.mono())
             self._reconcile_at = self.mono() + min(self._reconcile_every, 1.0)
+        self.adopter.adopt_all()  # spools of earlier forked children that died
         pipe = [] if fd is None else [fd]
+        waiter = _Poller()
         while not self._eof and not self._stop:
             by_fd = {sfd: src for src in self.sources if (sfd := src.fileno()) is not None}
             try:
-                ready = select.select([*pipe, wake_r, *by_fd], [], [], self._timeout())[0]
+                ready = waiter.wait([*pipe, wake_r, *by_fd], self._timeout())
             except OSError as exc:
-                log.error("select on the record pipe failed: %s", exc)
+                log.error("poll on the record pipe failed: %s", exc)
                 break
             if wake_r in ready:
                 with contextlib.suppress(OSError):
@@ -490,6 +534,7 @@ class Pipeline:
         t = self.wall()
         for pid, ticks in result.gone:
             self._emit(self.table.procfs_exit(pid, t, ticks))
+            self.adopter.adopt_pid(pid)  # a forked agent that ended with os._exit
         for info in result.new:
             self._emit(self.table.observe_procfs(info, t))
         for missed in self.table.drain_missed():
@@ -597,6 +642,9 @@ class Pipeline:
     def _finish(self) -> None:
         """At EOF: fold what is left, report the loss, ship by priority within the budget,
         and keep the rest durable in the spool for the next start."""
+        if self._finished:
+            return
+        self._finished = True
         for src in self.sources:
             self._guarded(src, lambda s: s.close(), src)  # their last events
         for ev in self.aggregator.flush(force=True):

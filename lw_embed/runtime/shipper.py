@@ -32,16 +32,18 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import brotli
 import cbor2
 
 from lw_embed.codec import AgentIdentity, encode_batch_raw
 from lw_embed.sinks.files import FileSink
-from lw_embed.sinks.http import HttpSender, SendResult
 from lw_embed.spool import Spool, SpoolItem
+
+if TYPE_CHECKING:  # aiohttp is imported only when there is a backend (pipeline._sink)
+    from lw_embed.sinks.http import HttpSender
 
 log = logging.getLogger("lw_embed.shipper")
 
@@ -49,28 +51,50 @@ log = logging.getLogger("lw_embed.shipper")
 DEADLETTER_MAX_BYTES = 16 << 20
 
 
+class Delivery(Protocol):
+    """How one delivery ended (:class:`lw_embed.sinks.http.SendResult`, :class:`Written`)."""
+
+    @property
+    def outcome(self) -> str: ...  # delivered | rejected | too_large | stopped
+
+    @property
+    def reason(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A :class:`FileBatchSink` delivery."""
+
+    outcome: str
+    reason: str
+    attempts: int
+
+
 class BatchSink(Protocol):
     """Where batches go. ``deliver`` returns once the batch is delivered, rejected for
     good, too large, or ``stop`` was set."""
 
     async def deliver(self, batch: bytes, *, key: str, seq_first: int, events: int,
-                      stop: asyncio.Event) -> SendResult: ...  # fmt: skip
+                      stop: asyncio.Event) -> Delivery: ...  # fmt: skip
 
     async def close(self) -> None: ...
 
 
 class HttpBatchSink:
     def __init__(self, sender: HttpSender, quality: int) -> None:
+        import brotli
+
+        self._compress = brotli.compress
         self._sender = sender
         self._quality = quality
         self._entered = False
 
     async def deliver(self, batch: bytes, *, key: str, seq_first: int, events: int,
-                      stop: asyncio.Event) -> SendResult:  # fmt: skip
+                      stop: asyncio.Event) -> Delivery:  # fmt: skip
         if not self._entered:
             await self._sender.__aenter__()
             self._entered = True
-        body = brotli.compress(batch, quality=self._quality)
+        body = self._compress(batch, quality=self._quality)
         return await self._sender.send(
             body, encoding="br", idempotency_key=key, events=events, stop=stop
         )
@@ -89,20 +113,20 @@ class FileBatchSink:
         self._retry_every = retry_every
 
     async def deliver(self, batch: bytes, *, key: str, seq_first: int, events: int,
-                      stop: asyncio.Event) -> SendResult:  # fmt: skip
+                      stop: asyncio.Event) -> Delivery:  # fmt: skip
         attempts = 0
         while True:
             attempts += 1
             try:
                 self._sink.write(batch, self._instance, seq_first)
-                return SendResult("delivered", None, "written", attempts, 0.0)
+                return Written("delivered", "written", attempts)
             except OSError as exc:  # a full or read-only disk: keep the data, try again
                 if attempts == 1:
                     log.warning("cannot write batch %d: %s (retrying)", seq_first, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._retry_every)
             if stop.is_set():
-                return SendResult("stopped", None, "stopped", attempts, 0.0)
+                return Written("stopped", "stopped", attempts)
 
     async def close(self) -> None:
         return None
@@ -130,6 +154,7 @@ class Shipper:
         processes: Callable[[Sequence[str]], list[dict[str, Any]]],
         loss: Callable[[], Mapping[str, int]],
         deadletter_dir: str | None = None,
+        on_thread: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
         self.sink = sink
@@ -139,6 +164,7 @@ class Shipper:
         self._processes = processes
         self._loss = loss
         self._deadletter = deadletter_dir
+        self._on_thread = on_thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
@@ -174,6 +200,8 @@ class Shipper:
 
     # -- the thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        if self._on_thread is not None:
+            self._on_thread()
         try:
             asyncio.run(self._main())
         except Exception:
@@ -181,6 +209,9 @@ class Shipper:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._on_thread is not None:  # getaddrinfo runs in the executor's threads
+            self._loop.set_default_executor(
+                ThreadPoolExecutor(2, "lw-shipper-dns", initializer=self._on_thread))
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._started.set()

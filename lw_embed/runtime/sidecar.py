@@ -62,7 +62,7 @@ from lw_embed.kernel import procfs
 from lw_embed.kernel import ptrace as pt
 from lw_embed.platform import detect, probe
 from lw_embed.records import R, frame
-from lw_embed.runtime.supervisor import CATCHABLE, Supervisor
+from lw_embed.runtime.supervisor import CATCHABLE, Supervisor, drain_budget
 from lw_embed.sources.procfs import in_scope, scan
 from lw_embed.sources.tracer import Tracer, TracerOptions, ptrace_options
 
@@ -73,8 +73,6 @@ PROC_PID_INIT_INO = 0xEFFFFFFC
 RESCAN_EVERY = 1.0
 #: at most this long (and half the grace) is spent detaching after SIGTERM
 DETACH_BUDGET = 3.0
-#: what the sidecar keeps for itself at the end of the platform's grace
-SHUTDOWN_MARGIN = 0.5
 OUTBOX_FLUSH_AT = 1 << 16
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
@@ -157,7 +155,7 @@ class Sidecar:
         self.cfg = opts.config
         self.env = dict(env)
         self.me = os.getpid()
-        self.grace = detect.shutdown_grace(self.cfg.shutdown.grace, detect.detect(env))
+        self.grace = detect.shutdown(self.cfg.shutdown.grace, env)[0]
         self.tracer: Tracer | None = None
         self.options = ptrace_options(False, exitkill=False)
         self.stopping = False
@@ -165,6 +163,9 @@ class Sidecar:
         self.refused: dict[tuple[int, int], int] = {}  # (pid, start_ticks) -> errno
         self.counts: dict[str, int] = {}
         self._next_scan = 0.0
+        self.caps: probe.Capabilities | None = None
+        #: nothing was in scope at the start: technique "none" until something shows up
+        self.idle = False
 
     # -- start ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -182,10 +183,15 @@ class Sidecar:
         )  # fmt: skip
         self.outbox = self.sup.outbox
         self.sup.start_worker()
+        self.caps = caps
         try:
             self._attach_first(caps)
             self.outbox.put(frame(R.CAPS, time.time_ns(), caps.report()))
-            log.info("watching %s (%s)", scope.reason, caps.techniques["processes"])
+            if self.idle:
+                log.warning("no process in scope (%s): is pidMode: task set? Watching for "
+                            "processes to appear", scope.reason)  # fmt: skip
+            else:
+                log.info("watching %s (%s)", scope.reason, caps.techniques["processes"])
             self.sup.start_clock()
             self._loop()
         finally:
@@ -203,12 +209,19 @@ class Sidecar:
         self.tracer = Tracer(self.outbox.put, TracerOptions(t.argv_max_bytes, t.argv_max_args,
                                                             trace_connect=False))  # fmt: skip
         seized, refused = self._rescan()
+        if not refused and not seized:
+            self.idle = True
+            caps.techniques["processes"] = "none"
+            caps.reasons["processes"] = ("no process in scope: is pidMode: task set? "
+                                         f"({self.scope.reason}; re-scanned every "
+                                         f"{RESCAN_EVERY:g} s)")  # fmt: skip
+            return
         if refused and not seized:
             self.tracer = None
             caps.techniques["processes"] = "procfs"
             caps.reasons["processes"] = (
                 f"PTRACE_SEIZE refused for all {refused} processes in scope "
-                f"({_errname(next(iter(self.refused.values())))}; no CAP_SYS_PTRACE?): "
+                f"({probe.errname(next(iter(self.refused.values())))}; no CAP_SYS_PTRACE?): "
                 "/proc reconciliation, short-lived processes can be missed"
             )
             return
@@ -300,6 +313,13 @@ class Sidecar:
                 continue
             self._count("sidecar.seized")
             seized += 1
+        if self.idle and seized and self.caps is not None:  # a workload came: say so
+            self.idle = False
+            self.caps.techniques["processes"] = "ptrace"
+            self.caps.reasons["processes"] = (f"PTRACE_SEIZE of processes that appeared "
+                                              f"after the start ({s.reason})")  # fmt: skip
+            self.outbox.put(frame(R.CAPS, time.time_ns(), self.caps.report()))
+            log.info("watching %s (ptrace): processes appeared", s.reason)
         return seized, refused
 
     # -- the end --------------------------------------------------------------------------
@@ -317,18 +337,29 @@ class Sidecar:
         self.counts["sidecar.detached"] = tracer.detached
         self.outbox.flush()
         if left:
-            # the kernel detaches them when we exit (no EXITKILL): they run on
+            # still detaching: a task that stops later (a vfork parent, a task in D state)
+            # is detached at that stop by _finish's wait loop, or released by the kernel
+            # when we exit (no EXITKILL); it never stays stopped
             self.counts["sidecar.detach_timeouts"] = left
-            log.warning("%d tasks not detached within the budget; they are released "
-                        "at exit", left)  # fmt: skip
-        self.tracer = None
+            log.warning("%d tasks not detached within the budget; they are detached when "
+                        "they stop, or released at exit", left)  # fmt: skip
 
     def _finish(self) -> None:
-        now = time.monotonic()
-        budget = min(self.cfg.shutdown.flush, self.grace / 2)
-        if self.term_at is not None:
-            budget = max(budget, self.term_at + self.grace - SHUTDOWN_MARGIN - now)
-        self.sup.finish("sidecar stopped", budget)
+        budget = drain_budget(self.cfg.shutdown.flush, self.grace, self.term_at,
+                              time.monotonic())  # fmt: skip
+        self.sup.finish("sidecar stopped", budget, on_report=self._late_report)
+
+    def _late_report(self, pid: int, status: int) -> None:
+        """A wait report during the drain: a tracee's stop is a detach, never a hold."""
+        tracer = self.tracer
+        if tracer is None:
+            return
+        if os.WIFSTOPPED(status):
+            tracer.on_stop(pid, status)  # detaching: PTRACE_DETACH at this stop
+            tracer.detach_step()  # its new children (auto-attached) are interrupted too
+            self.counts["sidecar.detached"] = tracer.detached
+        else:
+            tracer.on_exit(pid, status)
 
     # -- records ------------------------------------------------------------------------
     def _count(self, what: str) -> None:
@@ -358,10 +389,6 @@ def _gone_or_ours(pid: int, st: procfs.Stat, me: int, proc: str) -> bool:
     except (OSError, ValueError, IndexError):
         return True
     return False
-
-
-def _errname(code: int) -> str:
-    return errno.errorcode.get(code, str(code))
 
 
 def run(opts: SidecarOptions, env: Mapping[str, str] | None = None) -> int:

@@ -61,8 +61,22 @@ FINISH_RESTARTS = 3
 #: a worker that ran this long before dying restarts after the minimum backoff again
 GOOD_RUN = 10.0
 
+#: what a core keeps for itself at the end of the platform's grace
+SHUTDOWN_MARGIN = 0.5
+
 Metrics = Callable[[], Mapping[str, int | float]]
 Totals = Callable[[], Mapping[str, int]]
+#: a wait report that is not the worker's, during :meth:`Supervisor.finish` (pid, status)
+OnReport = Callable[[int, int], None]
+
+
+def drain_budget(flush: float, grace: float, term_at: float | None, now: float) -> float:
+    """How long the worker may drain: ``shutdown.flush`` (at most half the grace); after
+    a SIGTERM at ``term_at``, what is left of the grace less :data:`SHUTDOWN_MARGIN`."""
+    budget = min(flush, grace / 2)
+    if term_at is not None:
+        budget = max(budget, term_at + grace - SHUTDOWN_MARGIN - now)
+    return budget
 
 
 def describe_status(status: int) -> str:
@@ -99,6 +113,7 @@ class Supervisor:
         self._last_loss: dict[str, int] = {}
         self._next_status = 0.0
         self._next_loss = 0.0
+        self._on_report: OnReport | None = None
         r, w = os.pipe2(os.O_CLOEXEC)
         if r == RECORD_FD:  # dup2 onto itself would keep CLOEXEC on some libcs
             r, old = os.dup(r), r
@@ -212,9 +227,12 @@ class Supervisor:
         self.outbox.put(frame(R.STATUS, time.time_ns(), m))
 
     # -- the end --------------------------------------------------------------------------
-    def finish(self, reason: str, budget: float) -> None:
+    def finish(self, reason: str, budget: float, on_report: OnReport | None = None) -> None:
         """Hand the worker what is buffered, let it drain, and never wait past ``budget``
-        seconds (at least 0.2): a worker still there then is SIGKILLed."""
+        seconds (at least 0.2): a worker still there then is SIGKILLed. Wait reports
+        that are not the worker's go to ``on_report`` (the sidecar's tracees that stop
+        only now: they must be detached, never left stopped)."""
+        self._on_report = on_report
         end = time.monotonic() + max(budget, 0.2)
         self.send_status()
         self.send_loss()
@@ -262,6 +280,8 @@ class Supervisor:
             if pid == self.worker_pid:
                 self.worker_pid = 0
                 self.worker_status = status
+            elif self._on_report is not None:
+                self._on_report(pid, status)
 
     def pipe_unread(self) -> int:
         """Bytes written to the record pipe that no worker has read yet."""

@@ -24,6 +24,10 @@ Cost: every audit event of the host pays one Python call and a set lookup (about
 see bench/audit_hook.py); a watched one a thread-ident lookup, a clock read and a deque
 append (well under 2 us); the parsing runs in the agent's thread.
 
+``os.exec`` is the one call the hook waits for: exec replaces the process (and the agent
+thread) right after, so it asks the agent to spool and sync the queue and waits at most
+:data:`EXEC_WAIT`; the event is shipped by the next agent on that data dir.
+
 Failure modes: the hook never raises into the host (it catches every Exception; hostile
 arguments are kept as they are and parsed later). A full deque drops the event, counted
 as ``audit.queue_full``; arguments that do not parse are counted as ``audit.bad_args``.
@@ -43,19 +47,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from lw_embed.events import (
-    Event,
-    FileRemove,
-    FileRename,
-    FileWrite,
-    NetBind,
-    NetConnect,
-    ProcessSpawn,
-)
-from lw_embed.sources.base import SourceContext
+if TYPE_CHECKING:  # imported by the agent thread (AuditSource), not by start()'s install
+    from lw_embed.events import Event, NetBind, NetConnect, ProcessSpawn
+    from lw_embed.sources.base import SourceContext
 
 SPAWNS = frozenset({"subprocess.Popen", "os.exec", "os.posix_spawn", "os.system"})
 SOCKETS = frozenset({"socket.connect", "socket.bind"})
@@ -72,6 +69,9 @@ POLL_EVERY = 0.1
 WAKE_AT = 512
 #: module names kept from ``import`` events
 IMPORTS_MAX = 65536
+#: ``os.exec*`` waits at most this long (seconds) for its event to be synced into the
+#: spool: exec replaces the process, agent thread included, right after the hook returns
+EXEC_WAIT = 0.05
 _FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
 
 Call = tuple[str, tuple[Any, ...], int, int]
@@ -81,8 +81,8 @@ class HookState:
     """What the hook reads: one per process (:data:`STATE`), swapped wholesale, never
     locked (each attribute read or write is atomic under the GIL)."""
 
-    __slots__ = ("cap", "drops", "errors", "files", "imported", "install_error", "installed",
-                 "on", "own", "queue", "wake_at", "wake_r", "wake_w")  # fmt: skip
+    __slots__ = ("cap", "drops", "errors", "exec_flush", "files", "imported", "install_error",
+                 "installed", "on", "own", "queue", "wake_at", "wake_r", "wake_w")  # fmt: skip
 
     def __init__(self) -> None:
         self.queue: collections.deque[Call] | None = None  # the running agent's (or last)
@@ -97,6 +97,8 @@ class HookState:
         self.wake_r = self.wake_w = -1
         self.installed = False
         self.install_error = ""
+        #: the running agent's "into the spool and synced, within this many seconds"
+        self.exec_flush: Callable[[float], bool] | None = None
 
 
 STATE = HookState()
@@ -145,6 +147,8 @@ def _make_hook(st: HookState) -> Any:
             if len(q) == st.wake_at:  # else the agent's timer (POLL_EVERY) comes for it
                 with contextlib.suppress(OSError):  # full: a wake is pending anyway
                     write(st.wake_w, b"\0")
+            if event == "os.exec" and (flush := st.exec_flush) is not None:
+                flush(EXEC_WAIT)  # the agent thread spools and syncs it, or we go on
         except Exception:  # never into the host
             with contextlib.suppress(Exception):
                 next(st.errors)
@@ -181,16 +185,35 @@ def deactivate() -> None:
     STATE.on = False
 
 
-def own_thread(ident: int) -> None:
-    """Ignore the calls of this thread (one of the agent's)."""
+class _Own:
+    """Kept in the thread's locals: when the thread ends, its ident (which a new thread of
+    the host may get) stops being ignored."""
+
+    __slots__ = ("ident",)
+
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+
+    def __del__(self) -> None:
+        STATE.own = frozenset(STATE.own - {self.ident})
+
+
+_locals = threading.local()
+
+
+def own_thread(ident: int | None = None) -> None:
+    """Ignore the calls of the calling thread (one of the agent's) while it lives."""
+    ident = threading.get_ident() if ident is None else ident
     STATE.own = frozenset({*STATE.own, ident})
+    if ident == threading.get_ident():
+        _locals.own = _Own(ident)
 
 
 def reset_after_fork() -> None:
     """In a forked child: no agent thread, nothing queued, a wake pipe of its own (the
     inherited one is the parent's; only this thread exists, so closing it is safe)."""
     st = STATE
-    st.on, st.queue = False, None
+    st.on, st.queue, st.exec_flush = False, None, None
     st.own = frozenset()
     st.drops, st.errors = itertools.count(), itertools.count()
     old = (st.wake_r, st.wake_w)
@@ -227,6 +250,9 @@ class AuditSource:
     name = "audit"
 
     def __init__(self, ctx: SourceContext, state: HookState = STATE) -> None:
+        from lw_embed import events
+
+        self._ev = events
         self.ctx = ctx
         self.st = state
         self.pid = ctx.core_pid
@@ -302,18 +328,20 @@ class AuditSource:
             family = _FAMILIES.get(fam, str(int(fam)))
             address, port = _address(fam, addr)
             fd = args[2]
-            cls = NetConnect if event == "socket.connect" else NetBind
+            ev = self._ev
+            cls: type[NetConnect | NetBind] = (ev.NetConnect if event == "socket.connect"
+                                                else ev.NetBind)  # fmt: skip
             return cls(time=t, exec_id=eid, pid=pid, tid=tid, fd=fd, family=family,
                        address=address, port=port)  # fmt: skip
         if event == "open":
             if isinstance(args[0], int):
                 return None  # open(fd): no path
-            return FileWrite(time=t, exec_id=eid, pid=pid, tid=tid, path=_text(args[0]),
+            return self._ev.FileWrite(time=t, exec_id=eid, pid=pid, tid=tid, path=_text(args[0]),
                              flags=int(args[2]))  # fmt: skip
         if event in ("os.remove", "os.rmdir"):
-            return FileRemove(time=t, exec_id=eid, pid=pid, tid=tid, path=_text(args[0]))
+            return self._ev.FileRemove(time=t, exec_id=eid, pid=pid, tid=tid, path=_text(args[0]))
         if event == "os.rename":
-            return FileRename(time=t, exec_id=eid, pid=pid, tid=tid, path=_text(args[0]),
+            return self._ev.FileRename(time=t, exec_id=eid, pid=pid, tid=tid, path=_text(args[0]),
                               target=_text(args[1]))  # fmt: skip
         return self._spawn(event, args, t, tid, eid)
 
@@ -336,8 +364,9 @@ class AuditSource:
         elif event == "os.posix_spawn" and self._last_popen == (tid, argv):
             self._last_popen = None
             return None  # subprocess spawning through posix_spawn: already reported
-        return ProcessSpawn(time=t, exec_id=eid, pid=self.pid, tid=tid, call=event, exe=exe,
-                            argv=argv, truncated=truncated, cwd=cwd)  # fmt: skip
+        return self._ev.ProcessSpawn(time=t, exec_id=eid, pid=self.pid, tid=tid, call=event,
+                                     exe=exe, argv=argv, truncated=truncated,
+                                     cwd=cwd)  # fmt: skip
 
     def _argv(self, raw: Sequence[Any]) -> tuple[tuple[str, ...], bool]:
         out: list[str] = []
@@ -366,6 +395,13 @@ def _address(family: int, addr: Any) -> tuple[str, int]:
             return "@" + addr[1:].decode("utf-8", "backslashreplace"), 0
         return _text(addr), 0
     return repr(addr)[:256], 0
+
+
+def probe(cfg: Any, mode: str) -> tuple[str, str]:
+    """(technique, reason) for ``lw-embed env --mode``: nothing is installed."""
+    if mode != "in-app":
+        return "none", "in-app mode only (there is no host process to hook)"
+    return "audit-hook", "sys.addaudithook in the host process (its children from /proc)"
 
 
 def factory(ctx: SourceContext) -> AuditSource | None:

@@ -157,6 +157,8 @@ def test_fork_both_sides_work_and_nothing_is_duplicated(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("handler_first", ["1", "0"])
 def test_app_sigterm_handler_still_runs(tmp_path: Path, handler_first: str) -> None:
+    """"1": the app's handler was there first: the agent's runs, then calls it (chained).
+    "0": the app's replaces the agent's: it runs alone, and atexit still ships."""
     work = tmp_path / "w"
     work.mkdir()
     proc = subprocess.Popen(
@@ -171,7 +173,8 @@ def test_app_sigterm_handler_still_runs(tmp_path: Path, handler_first: str) -> N
         assert proc.wait(30) == 0
     finally:
         kill_tree(proc)
-    assert (work / "handler-ran").exists()
+    caller = (work / "handler-ran").read_text()
+    assert caller == ("_on_sigterm" if handler_first == "1" else "sigterm")
     assert str(work / "before-term.txt") in paths(tmp_path / "out")  # flushed at exit
 
 
@@ -277,3 +280,83 @@ def test_import_is_cheap() -> None:
     proc = subprocess.run([sys.executable, "-c", code], env=clean_env({"PYTHONPATH": str(ROOT)}),
                           capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
     assert json.loads(proc.stdout.replace("'", '"')) == ["lw_embed"]
+
+
+def test_host_with_more_than_1024_fds(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    r = run_app(tmp_path, "many_fds", str(work))
+    assert r["max_fd"] >= 1100 and r["flushed"] and r["stopped"], r
+    assert str(work / "with-many-fds.txt") in paths(tmp_path / "out")
+    assert "Traceback" not in r["stderr"]
+
+
+def test_a_failing_agent_says_why_and_turns_the_hook_off(tmp_path: Path) -> None:
+    r = run_app(tmp_path, "loop_fails")
+    assert r["status"]["running"] is False
+    assert "injected loop failure" in (r["status"]["error"] or "")
+    assert r["hook_on"] is False
+    assert "in-app agent failed" in r["stderr"] and "injected loop failure" in r["stderr"]
+    # the spool was closed (its lock freed): a later agent on that data dir starts
+    assert run_app(tmp_path, "drain")["stopped"]
+
+
+def test_the_agents_own_threads_are_not_reported(tmp_path: Path) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    host_port = srv.getsockname()[1]
+    try:
+        r = run_app(tmp_path, "metadata_thread", str(host_port))
+    finally:
+        srv.close()
+    ports = {e["port"] for e in events(tmp_path / "out", "net.connect")}
+    assert host_port in ports  # the host's own connect is reported
+    assert r["port"] not in ports, "the identity thread's metadata request was reported"
+    # once the agent's threads end, their idents (a new host thread may get one) count
+    # as the host's again
+    assert r["own_after"] == 0, r
+
+
+def test_a_python_child_of_an_autostarted_host_starts_no_agent(tmp_path: Path) -> None:
+    env = clean_env({"LW_EMBED_AUTOSTART": "1",
+                     "PYTHONPATH": f"{ROOT / 'entrypoints'}:{ROOT}",
+                     "LW_EMBED_DATA_DIR": str(tmp_path / "data"),
+                     "LW_EMBED_OUTPUT_DIR": str(tmp_path / "out"),
+                     "LW_EMBED_PROCESSES_RECONCILE_INTERVAL": "0.1"})  # fmt: skip
+    proc = subprocess.run([sys.executable, APP, "child_python", "-", "-"], env=env,
+                          capture_output=True, text=True, timeout=60,
+                          cwd=str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["child_agent"] is False and r["child_env"] == [], r
+    assert [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith("spool.")] == []
+    # the child is still reported, by the parent's /proc reconciliation
+    assert [e for e in events(tmp_path / "out", "process.exec") if e["argv"][:2] ==
+            [sys.executable, "-c"] or e["argv"][1:2] == ["-c"]]  # fmt: skip
+
+
+def test_forked_children_ending_with_os_exit_lose_nothing(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    r = run_app(tmp_path, "fork_exit", str(work))
+    assert r["flushed"] and r["stopped"], r
+    got = paths(tmp_path / "out")
+    for n in range(2):
+        assert str(work / f"child-{n}.txt") in got, (n, r["stderr"])
+    left = [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith("spool.")]
+    assert left == [], left
+
+
+def test_exec_from_the_host_is_reported(tmp_path: Path) -> None:
+    marker = f"lw-exec-{os.getpid()}"
+    proc = subprocess.run(
+        [sys.executable, APP, "exec_now", str(tmp_path / "out"), str(tmp_path / "data"),
+         marker], env=clean_env({"PYTHONPATH": str(ROOT), "EXEC_WAIT": "1.0"}),
+        capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr  # /bin/true replaced the host
+    run_app(tmp_path, "drain")  # the next start on that data dir ships the spool
+    spawns = [e for e in events(tmp_path / "out", "process.spawn") if e["call"] == "os.exec"]
+    assert [e["argv"] for e in spawns] == [["/bin/true", marker]], spawns
+    assert spawns[0]["exe"] == "/bin/true"

@@ -167,6 +167,11 @@ class Namespace:
             return list(iter_events([str(self.out)]))
         return []
 
+    def batches(self) -> list[dict[str, Any]]:
+        from lw_embed.decode import batch_files, read_batch
+
+        return [read_batch(p) for p in batch_files([str(self.out)])] if self.out.exists() else []
+
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.init, signal.SIGKILL)  # PID 1 dies: the kernel kills the rest
@@ -207,11 +212,16 @@ def test_sees_execs_in_the_tree_and_detaches_cleanly_on_sigterm(ns: Namespace) -
         wait_for(lambda p=pid: traced(p), 30, f"pid {pid} (all threads) traced")
     assert status(ns.init)["TracerPid"] == "0", "PID 1 of the task must not be traced"
     marker = f"lw-marker-{uuid.uuid4().hex[:8]}"
+    written = time.time_ns()
     fifo.write_text(f"/bin/true {marker}\n")
     wait_for(lambda: execs(ns.events(), marker), 30, "the exec of the marker")
     ev = execs(ns.events(), marker)[0]
     assert ev["source"] == "ptrace", ev  # seen by the tracer, not found later in /proc
     assert ev["ppid"] == ns_pid(shell)
+    # the exec is recorded as it happens (the batch may come later): within 1 s
+    assert ev["time"] - written < 1_000_000_000, (ev["time"] - written) / 1e9
+    # the batch's resource is the sidecar's own container: marked as the observer's
+    assert {b["resource"].get("observer") for b in ns.batches()} == {True}
     wait_for(lambda: execs(ns.events(), "sleep 1000"), 30, "the pre-existing sleep reported")
     evs = ns.events()
     pids = {e.get("pid") for e in evs if e["kind"] == "process.exec"}
@@ -229,8 +239,10 @@ def test_sees_execs_in_the_tree_and_detaches_cleanly_on_sigterm(ns: Namespace) -
     wait_for(lambda: traced(forker), 30, "the forking workload traced")
     os.kill(side, signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, log.read_text()
-    for pid in (shell, sleeper, threaded, forker):
+    for pid in (shell, sleeper, threaded):
         assert clean(pid), (pid, status(pid))
+    with contextlib.suppress(FileNotFoundError):  # the forker may have finished by now
+        assert clean(forker), status(forker)
     # let go by PTRACE_DETACH, not by the kernel at the sidecar's exit
     last = [e for e in ns.events() if e["kind"] == "agent.status"][-1]["metrics"]
     assert last.get("sidecar.detached", 0) >= 8, last  # sh, sleep, 4 threads, sleep, forker
@@ -294,6 +306,75 @@ def test_without_cap_sys_ptrace_falls_back_to_proc(ns: Namespace) -> None:
     assert status(shell)["TracerPid"] == "0"
     os.kill(side, signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, log.read_text()
+
+
+def test_nothing_in_scope_says_so_and_picks_up_a_later_workload(ns: Namespace) -> None:
+    proc, side, log = ns.sidecar()
+    wait_for(lambda: any(e["kind"] == "agent.capabilities" for e in ns.events()), 30,
+             "the capability report")  # fmt: skip
+    first = caps(ns.events())
+    assert first["techniques"]["processes"] == "none", first
+    assert "no process in scope" in first["reasons"]["processes"]
+    wait_for(lambda: "no process in scope" in log.read_text(), 10, "the warning")
+    shell, _ = ns.shell()  # the workload starts later
+    wait_for(lambda: traced(shell), 30, "the late workload traced")
+    wait_for(lambda: len([e for e in ns.events() if e["kind"] == "agent.capabilities"]) >= 2,
+             30, "a second capability report")  # fmt: skip
+    reports = [e["report"] for e in ns.events() if e["kind"] == "agent.capabilities"]
+    assert reports[-1]["techniques"]["processes"] == "ptrace", reports[-1]
+    os.kill(side, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log.read_text()
+    assert clean(shell)
+
+
+VFORK_LATE = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    /* the parent waits in vfork (it cannot stop) until the child execs, argv[1] s on */
+    pid_t p = vfork();
+    if (p == 0) {
+        sleep(atoi(argv[1]));
+        execl("/bin/sleep", "sleep", "1000", (char *)0);
+        _exit(127);
+    }
+    close(open(argv[2], O_CREAT | O_WRONLY, 0644));
+    for (;;) pause();
+}
+"""
+
+
+def test_a_tracee_that_stops_only_after_the_detach_budget_is_not_left_stopped(
+    ns: Namespace,
+) -> None:
+    src, exe = ns.tmp / "vfork_late.c", ns.tmp / "vfork_late"
+    src.write_text(VFORK_LATE)
+    subprocess.run(["cc", "-O1", "-o", str(exe), str(src)], check=True, timeout=60)
+    marker = ns.tmp / "vfork-returned"
+    _, late = ns.enter([str(exe), "9", str(marker)])
+    dead = socket_port()  # the backend is down: the drain takes the whole grace
+    proc, side, log = ns.sidecar("--backend", f"http://127.0.0.1:{dead}", "--token", "t",
+                                 env={"LW_EMBED_SHUTDOWN_GRACE": "12"})  # fmt: skip
+    wait_for(lambda: traced(late), 30, "the vfork parent traced")
+    os.kill(side, signal.SIGTERM)
+    # the detach budget (3 s) runs out while the parent waits in vfork; when the child
+    # execs the parent stops, and must be detached then, while the sidecar still drains
+    wait_for(marker.exists, 30, "the vfork parent running again")
+    assert proc.poll() is None, "the sidecar exited first: the test proves nothing"
+    wait_for(lambda: clean(late), 5, "the vfork parent detached")
+    assert proc.wait(timeout=60) == 0, log.read_text()
+    assert "not detached within the budget" in log.read_text()
+
+
+def socket_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def _run_cli(args: list[str], tmp: Path,

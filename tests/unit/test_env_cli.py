@@ -131,3 +131,38 @@ def test_env_no_metadata(fargate: FakeMetadata) -> None:
     rep = json.loads(p.stdout)
     assert rep["identity"]["metadata"] == "none" and fargate.requests == []
     assert rep["identity"]["cloud"]["region"] == "eu-west-1"
+
+
+@pytest.mark.parametrize("mode", ["run", "sidecar", "in-app"])
+def test_env_mode_lists_every_worker_source(mode: str) -> None:
+    from lw_embed.sources.base import FACTORIES
+
+    p = lw_embed("env", "--json", "--no-metadata", "--mode", mode, env=clean_env({}))
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["mode"] == mode
+    assert set(FACTORIES) <= set(rep["techniques"]), rep["techniques"]
+    assert all(rep["reasons"].get(name) for name in FACTORIES)
+    want_audit = "audit-hook" if mode == "in-app" else "none"
+    assert rep["techniques"]["audit"] == want_audit
+    if mode == "sidecar":  # never a seccomp filter there
+        assert rep["techniques"]["processes"] in ("ptrace", "procfs")
+        assert rep["techniques"]["network.connect"] == "none"
+
+
+def test_env_bad_mode_is_a_usage_error() -> None:
+    p = lw_embed("env", "--mode", "daemon", env=clean_env({}))
+    assert p.returncode == 2 and "--mode" in p.stderr
+
+
+def test_env_grace_is_the_one_the_cores_use(fargate: FakeMetadata) -> None:
+    from lw_embed.platform import detect
+
+    env = fargate_env(fargate)
+    rep = json.loads(lw_embed("env", "--json", env=env).stdout)
+    assert (rep["shutdown_grace"], rep["shutdown_grace_source"]) == detect.shutdown(0.0, env)
+    env["LW_EMBED_SHUTDOWN_GRACE"] = "7"
+    rep = json.loads(lw_embed("env", "--json", env=env).stdout)
+    assert rep["shutdown_grace"] == 7.0
+    assert rep["shutdown_grace_source"] == "config ([shutdown] grace)"
+    assert "stop_timeout" not in rep["identity"]

@@ -281,7 +281,7 @@ def test_gvisor_is_cloud_run_gen1_and_a_capability_limit(tmp_path: Path, files: 
     root = make_root(tmp_path)
     for rel, text in files.items():
         (tmp_path / rel).write_text(text)
-    assert probe.is_gvisor(f"{root}/proc")
+    assert probe.gvisor_marker(f"{root}/proc")
     ident = identity.from_env(ENVS["cloudrun-service"], root)
     assert marker in ident.gvisor
     assert ident.cloud_map()["execution_environment"] == "gen1"
@@ -350,14 +350,42 @@ def test_identity_is_frozen(tmp_path: Path) -> None:
 def test_grace_from_environment(name: str, grace: float) -> None:
     plat = detect.detect(ENVS[name])
     assert plat.grace == grace
-    assert detect.shutdown_grace(0.0, plat) == grace
-    assert detect.shutdown_grace(3.0, plat) == 3.0
+    assert detect.shutdown(0.0, ENVS[name]) == (grace, f"{plat.name} default")
+    assert detect.shutdown(3.0, ENVS[name]) == (3.0, "config ([shutdown] grace)")
 
 
-def test_grace_from_identity_stop_timeout(tmp_path: Path) -> None:
+def test_identity_refines_the_platform_name_not_the_grace(tmp_path: Path) -> None:
     import dataclasses
 
     ident = identity.from_env(ENVS["fargate"], root_for("fargate", tmp_path))
     assert detect.detect(None, identity=ident) == detect.Platform("fargate", 30.0)
-    longer = dataclasses.replace(ident, stop_timeout=120)
-    assert detect.detect(None, identity=longer) == detect.Platform("fargate", 120.0)
+    k8s = dataclasses.replace(ident, platform="cloudrun")
+    assert detect.detect(None, identity=k8s) == detect.Platform("cloudrun", 10.0)
+
+
+# -- per-process container id (sidecar mode) ----------------------------------------------
+
+
+def test_container_of_pid_parses_each_cgroup_once(tmp_path: Path) -> None:
+    cid = "a" * 64
+    for pid, text in ((10, f"0::/system.slice/docker-{cid}.scope\n"), (11, "0::/\n")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(text)
+    of = identity.ContainerOfPid(str(tmp_path))
+    assert of(10) == cid and of(11) == "" and of(12) == ""  # 12: no such process
+    assert len(of._cache) == 2
+
+
+def test_process_records_carry_the_container_id() -> None:
+    from lw_embed.pipeline.enrich import ProcessTable
+
+    cids = {100: "b" * 64}
+    table = ProcessTable("boot", 1, 0, 8, container=lambda pid: cids.get(pid, ""))
+    ev = table.on_exec(1, 100, 1, 500, "/bin/sh", ["sh"], False, "/", 0, 0, 0)
+    assert table.record(ev.exec_id)["container_id"] == "b" * 64  # type: ignore[index]
+    table.on_fork(2, 100, 101, 600)  # a child inherits its parent's container
+    child = table.get(101)
+    assert child is not None and child.container_id == "b" * 64
+    plain = ProcessTable("boot", 1, 0, 8)
+    ev = plain.on_exec(1, 100, 1, 500, "/bin/sh", ["sh"], False, "/", 0, 0, 0)
+    assert "container_id" not in plain.record(ev.exec_id)  # type: ignore[operator]

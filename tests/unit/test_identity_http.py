@@ -164,7 +164,6 @@ def test_fargate_identity_from_task_and_container_documents(fargate: FakeMetadat
     assert {p for p, _ in fargate.requests} == {f"/v4/{TASK_ID}-2785031522",
                                                 f"/v4/{TASK_ID}-2785031522/task"}  # fmt: skip
     # the documented v4 response has no stopTimeout: Fargate's default, and said so
-    assert ident.stop_timeout == 0
     assert detect.detect({}, identity=ident) == detect.Platform("fargate", 30.0)
     assert any("stopTimeout" in lim for lim in ident.limits)
 
@@ -199,18 +198,17 @@ def test_launch_type_fargate_in_metadata_makes_it_fargate(root: Path) -> None:
         assert identity.detect(env, root=str(root), budget=2.0).platform == "fargate"
 
 
-def test_stop_timeout_in_container_document_is_the_grace(root: Path) -> None:
+def test_stop_timeout_in_container_document_is_not_the_grace(root: Path) -> None:
+    # the cores decide the grace from the environment before metadata could answer: a
+    # StopTimeout (which v4 never sends) must not make `env` show a grace they ignore
     cont = json.loads(fixture("ecs_fargate_container.json"))
     cont["StopTimeout"] = 90
     routes = ecs_routes(json.dumps(cont).encode(), fixture("ecs_fargate_task.json"))
     with FakeMetadata(routes) as srv:
         ident = identity.detect(fargate_env(srv), root=str(root), budget=2.0)
-    assert ident.stop_timeout == 90
-    plat = detect.detect({}, identity=ident)
-    assert plat.grace == 90.0
-    assert detect.shutdown_grace(0.0, plat) == 90.0
-    assert detect.shutdown_grace(5.0, plat) == 5.0  # the config still wins
-    assert not any("stopTimeout" in lim for lim in ident.limits)
+    assert detect.detect({}, identity=ident).grace == 30.0
+    assert detect.shutdown(0.0, fargate_env(srv)) == (30.0, "fargate default")
+    assert any("stopTimeout" in lim for lim in ident.limits)
 
 
 def test_cloud_run_service_from_metadata_server(root: Path) -> None:
@@ -413,15 +411,9 @@ def test_wrong_types_are_dropped_field_by_field(root: Path) -> None:
     assert c["launch_type"] == "FARGATE"  # from AWS_EXECUTION_ENV, not the list
     assert len(str(c["cluster"])) == metadata.MAX_VALUE
     assert c["availability_zone"] == "eu-west-1a[31m"  # control characters removed
-    assert ident.stop_timeout == 0 and ident.container_id_source == "none"
+    assert ident.container_id_source == "none"
     res = ident.resource()
     assert json.loads(json.dumps(res)) == res
-
-
-@pytest.mark.parametrize("value,want", [(30, 30), ("45", 45), (0, 0), (-5, 0), (True, 0),
-                                        (10**9, 0), (2.5, 0), (None, 0), ("x", 0)])  # fmt: skip
-def test_seconds_parser(value: object, want: int) -> None:
-    assert metadata.seconds(value) == want
 
 
 def test_non_http_uri_is_refused_without_a_connection(root: Path) -> None:
