@@ -345,8 +345,13 @@ MODES = ("tpacket_v3", "tpacket_v2", "recv")
 
 def _open(mode: str, interface: str, prog: Sequence[Insn], spec: RingSpec,
           rcvbuf: int) -> Capture:  # fmt: skip
+    # Named interface: protocol 0 receives nothing until bind() names the interface and
+    # ETH_P_ALL, after the reject-all filter is on. Every interface: Python cannot bind to
+    # ifindex 0, so the socket gets ETH_P_ALL at once and the reject-all filter right
+    # after; what slipped in between is purged by the ring setup or drained below.
+    proto = 0 if interface else socket.htons(ETH_P_ALL)
     try:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, proto)
     except OSError as exc:
         raise CaptureError("socket(AF_PACKET)", exc) from exc
     mm: mmap.mmap | None = None
@@ -369,7 +374,8 @@ def _open(mode: str, interface: str, prog: Sequence[Insn], spec: RingSpec,
         if mode != "recv":
             mm = mmap.mmap(sock.fileno(), size, mmap.MAP_SHARED,
                            mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
-        sock.bind((interface, ETH_P_ALL))
+        if interface:
+            sock.bind((interface, ETH_P_ALL))
         cap = Capture(sock, mode, spec, mm)
         cap.drain()  # whatever came in before the real filter (nothing: reject-all)
         attach_filter(sock, prog)

@@ -552,6 +552,25 @@ def _exe(pid: int | None) -> str | None:
         return None
 
 
+def probe(cfg: Any, mode: str) -> tuple[str, str]:
+    """(technique, reason) for ``lw-embed env --mode``: opens (and closes) a capture with
+    a reject-all filter and a tiny ring, the way the source would choose its mode."""
+    net = getattr(cfg, "network", None)
+    if not isinstance(net, NetworkConfig) or not net.enabled:
+        return "none", "[network] enabled = false"
+    if net.capture == "procfs" or (net.capture == "auto" and mode == "in-app"):
+        return "procfs", "flows from /proc/net polling (no packet capture in this mode/config)"
+    modes = list(pk.MODES) if net.capture == "auto" else [net.capture]
+    iface = net.interfaces[0] if len(net.interfaces) == 1 else ""
+    try:
+        cap, why = pk.open_capture(iface, pk.reject_all(), pk.RingSpec(4096, 2, 2048, 20), modes)
+    except pk.CaptureError as exc:
+        return "procfs", f"no packet capture ({exc}): flows from /proc/net polling"
+    cap.close()
+    note = f" (not {'; '.join(why)})" if why else ""
+    return cap.mode, f"AF_PACKET on {','.join(net.interfaces) or 'all interfaces'}{note}"
+
+
 def make(ctx: SourceContext) -> NetworkSource | None:
     """The FACTORIES entry: None when ``[network] enabled = false`` (or the config has no
     network section)."""

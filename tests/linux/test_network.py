@@ -406,3 +406,32 @@ def test_inode_attribution_without_sock_diag_reads_proc_net() -> None:
     ok = [f for f in flows if f.pid == child.pid and f.attribution == "inode"]
     assert len(flows) == 20 and len(ok) >= 19, [(f.attribution, f.pid) for f in flows]
     assert src.netproc.reads > 0
+
+
+def test_default_config_captures_every_interface(tmp_path: Path) -> None:
+    """No [network] interfaces (the default in a container): one capture on every
+    interface, loopback included, so sidecars talking over localhost are seen."""
+    code = (
+        "import time as _t\n"
+        "_end = _t.monotonic() + 30\n"  # until the agent's all-interfaces socket exists
+        "while _t.monotonic() < _end and not any(l.split()[4] == '0'\n"
+        "        for l in open('/proc/net/packet').readlines()[1:]):\n"
+        "    _t.sleep(0.02)\n"
+        "import socket, threading\n"
+        "ls = socket.socket(); ls.bind(('127.0.0.1', 0)); ls.listen(1)\n"
+        "def serve():\n"
+        "    a, _ = ls.accept()\n"
+        "    while a.recv(65536): pass\n"
+        "    a.close()\n"
+        "th = threading.Thread(target=serve); th.start()\n"
+        "c = socket.create_connection(ls.getsockname()); c.sendall(b'q' * 3000); c.close()\n"
+        "th.join(); print(ls.getsockname()[1])\n"
+    )
+    r = run_agent(tmp_path, [PY, "-c", code], "")
+    assert r.returncode == 0, r.stderr
+    port = int(r.stdout.split()[-1])
+    caps = events(tmp_path, "agent.capabilities")[0]["report"]
+    assert caps["techniques"]["network"] == "tpacket_v3", caps["reasons"]["network"]
+    flows = [f for f in events(tmp_path, "net.flow") if f["resp_port"] == port]
+    assert len(flows) == 1, flows
+    assert flows[0]["orig_bytes"] == 3000 and flows[0]["attribution"] == "syscall"

@@ -46,9 +46,11 @@ def udp_pair() -> tuple[socket.socket, socket.socket, int]:
     return srv, cli, srv.getsockname()[1]
 
 
-def test_loopback_udp_counted_once_with_payload_bytes() -> None:
+@pytest.mark.parametrize("iface", ["lo", ""], ids=["lo", "all-interfaces"])
+def test_loopback_udp_counted_once_with_payload_bytes(iface: str) -> None:
+    """On lo alone, and on every interface (the default: lo is one of them)."""
     srv, cli, port = udp_pair()
-    cap, _ = pk.open_capture("lo", pk.port_filter(port), pk.RingSpec(retire_ms=5))
+    cap, _ = pk.open_capture(iface, pk.port_filter(port), pk.RingSpec(retire_ms=5))
     try:
         for _ in range(25):
             cli.sendto(b"x" * 100, ("127.0.0.1", port))
@@ -89,9 +91,11 @@ def test_flow_filter_drops_outgoing_loopback_copies() -> None:
         cli.close()
 
 
-def test_filter_opened_during_a_tcp_flood_delivers_nothing_it_rejects() -> None:
+@pytest.mark.parametrize("iface", ["lo", ""], ids=["lo", "all-interfaces"])
+def test_filter_opened_during_a_tcp_flood_delivers_nothing_it_rejects(iface: str) -> None:
     """A TCP flood on one port runs while captures filtered on another port open: no
-    frame of the flood may show up (the reject-all, drain, real-filter order)."""
+    frame of the flood may show up (the reject-all, drain, real-filter order). On every
+    interface ("") the socket has ETH_P_ALL from the start, which the drain must cover."""
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(1)
@@ -120,7 +124,7 @@ def test_filter_opened_during_a_tcp_flood_delivers_nothing_it_rejects() -> None:
         time.sleep(0.2)
         for mode in pk.MODES[:2]:
             for _ in range(5):
-                cap, _ = pk.open_capture("lo", pk.port_filter(udp_port), pk.RingSpec(retire_ms=5),
+                cap, _ = pk.open_capture(iface, pk.port_filter(udp_port), pk.RingSpec(retire_ms=5),
                                          modes=[mode])  # fmt: skip
                 try:
                     cli.sendto(b"u", ("127.0.0.1", udp_port))

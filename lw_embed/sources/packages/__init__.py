@@ -409,6 +409,21 @@ class PackagesSource:
         return out
 
 
+def probe(cfg: Any, mode: str) -> tuple[str, str]:
+    """(technique, reason) for ``lw-embed env --mode``: which OS databases exist under the
+    root (a few stats; the scan itself is what the source does)."""
+    pc = getattr(cfg, "packages", None)
+    if not isinstance(pc, PackagesConfig) or not pc.enabled:
+        return "none", "[packages] enabled = false"
+    from lw_embed.sources.packages import apk, dpkg, rpm
+
+    found = [name for name, mod in (("dpkg", dpkg), ("rpm", rpm), ("apk", apk))
+             if any(os.path.exists(p) for p in mod.db_paths(pc.root))]  # fmt: skip
+    usage = "imports of the host" if mode == "in-app" else "/proc exe, maps and fds"
+    dbs = ", ".join(found) or "no OS package database"
+    return "inventory", f"{dbs} + language packages under {pc.root}; usage from {usage}"
+
+
 def make(ctx: SourceContext) -> PackagesSource | None:
     """The factory named in :data:`lw_embed.sources.base.FACTORIES`."""
     cfg = ctx.config.packages
