@@ -38,9 +38,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--token", metavar="TOKEN",
                      help="bearer token for the backend (better: $LW_EMBED_TOKEN or "
                           "[backend] token_file)")
+    run.add_argument("--watch", action="append", default=[], metavar="PATH",
+                     help="monitor PATH (recursive, every action; repeatable)")
     run.add_argument("--pgroup", action="store_true",
                      help="forward signals to the workload's process group")  # fmt: skip
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    side = sub.add_parser("sidecar", help="watch the processes of a shared PID namespace "
+                          "(pidMode: task) or of --pid trees, from a container of its own")
+    _config_args(side)
+    side.add_argument("--output", metavar="DIR", help="write CBOR batch files into DIR")
+    side.add_argument("--watch", action="append", default=[], metavar="PATH",
+                      help="monitor PATH (recursive, every action; repeatable)")
+    side.add_argument("--data-dir", metavar="DIR",
+                      help="spool, state and default output (or $LW_EMBED_DATA_DIR)")
+    side.add_argument("--backend", metavar="URL",
+                      help="ship batches to this ingest URL (or $LW_EMBED_BACKEND)")
+    side.add_argument("--token", metavar="TOKEN", help="bearer token for the backend")
+    side.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
+                      help="watch this process and its descendants only (repeatable)")
+    side.add_argument("--include-init", action="store_true",
+                      help="watch PID 1 of the namespace too (never a 'pause' process)")
 
     dec = sub.add_parser("decode", help="print events of batch files/directories as JSON lines")
     dec.add_argument("paths", nargs="+", metavar="PATH")
@@ -73,9 +91,20 @@ def _parser() -> argparse.ArgumentParser:
             q.add_argument("--agent", metavar="I", help="agent instance id")
             q.add_argument("--limit", type=int, default=10000, metavar="N")
 
+    inv = sub.add_parser("inventory", help="installed packages and which ones are in use now")
+    _config_args(inv)
+    inv.add_argument("--root", metavar="DIR", help="filesystem root (default [packages] root)")
+    inv.add_argument("--json", action="store_true", help="machine-readable output")
+
     env = sub.add_parser("env", help="what this machine allows and what the agent would use")
     _config_args(env)
     env.add_argument("--json", action="store_true", help="machine-readable output")
+    env.add_argument("--metadata-timeout", type=float, default=1.0, metavar="S",
+                     help="total seconds the cloud metadata endpoint gets (default 1)")
+    env.add_argument("--no-metadata", action="store_true",
+                     help="do not ask the cloud metadata endpoint (environment only)")
+    env.add_argument("--mode", choices=("run", "sidecar", "in-app"), default="run",
+                     help="show the techniques of this mode (default run)")
     return p
 
 
@@ -102,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args, env)
+        if args.command == "sidecar":
+            return _sidecar(args, env)
         if args.command == "validate-config":
             load_config(args.file, env)
             print(f"{args.file}: ok")
@@ -118,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ingest.serve(args.listen, args.db, args.token_file, max_body=args.max_body,
                                 max_decompressed=args.max_decompressed,
                                 max_concurrency=args.max_concurrency, max_queue=args.max_queue)
+        if args.command == "inventory":
+            from lw_embed import inventory_cli
+
+            cfg = _load(args.config, env, {})
+            return inventory_cli.main(cfg.packages, args.root, args.json, sys.stdout, sys.stderr)
         if args.command in ("query", "agents"):
             return _query(args, env)
     except ConfigError as exc:
@@ -147,6 +183,7 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "backend.token": args.token or env.get("LW_EMBED_TOKEN"),
         "signals.pgroup": True if args.pgroup else None,
     })  # fmt: skip
+    cfg = _with_watch(cfg, args.watch)
     _setup_logging(cfg.agent.log_level, "core")
     from lw_embed.runtime import init
 
@@ -155,6 +192,32 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     opts = init.RunOptions(argv=tuple(cmd), config=cfg, config_path=path, faults=faults,
                            orig_mask=orig_mask)  # fmt: skip
     return init.run(opts, env)
+
+
+def _with_watch(cfg: Config, paths: Sequence[str]) -> Config:
+    from lw_embed.pipeline.filerules import with_watch
+
+    return with_watch(cfg, paths)
+
+
+def _sidecar(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    cfg = _load(args.config, env, {
+        "output.dir": args.output,
+        "agent.data_dir": args.data_dir or env.get("LW_EMBED_DATA_DIR"),
+        "backend.url": args.backend or env.get("LW_EMBED_BACKEND"),
+        "backend.token": args.token or env.get("LW_EMBED_TOKEN"),
+    })  # fmt: skip
+    cfg = _with_watch(cfg, args.watch)
+    _setup_logging(cfg.agent.log_level, "sidecar")
+    from lw_embed.runtime import sidecar
+
+    path = args.config or env.get("LW_EMBED_CONFIG") or None
+    opts = sidecar.SidecarOptions(cfg, path, tuple(args.pid), args.include_init)
+    try:
+        return sidecar.run(opts, env)
+    except sidecar.ScopeError as exc:
+        print(f"lw-embed sidecar: {exc}", file=sys.stderr)
+        return 2
 
 
 def _query(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -168,32 +231,10 @@ def _query(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _env(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from lw_embed.platform import detect, probe
-    from lw_embed.sources.tracer import TracerOptions, seccomp_rules
+    from lw_embed.platform import report
 
     cfg = _load(args.config, env, {})
-    plat = detect.detect(env)
-    t = cfg.tracer
-    rules = seccomp_rules(TracerOptions(t.argv_max_bytes, t.argv_max_args, t.trace_connect))
-    caps = probe.probe(t.mode, t.seccomp, t.no_new_privs, want_seccomp=bool(rules))
-    report = {
-        "platform": plat.name,
-        "shutdown_grace": detect.shutdown_grace(cfg.shutdown.grace, plat),
-        "pid": os.getpid(),
-        "version": __version__,
-        **caps.report(),
-    }
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-        return 0
-    print(f"lw-embed {__version__} on {plat.name} (pid {os.getpid()}); "
-          f"shutdown grace {report['shutdown_grace']:.0f}s")  # fmt: skip
-    print("\nprobes:")
-    for name, p in report["probes"].items():
-        print(f"  {name:<18} {'yes' if p['ok'] else 'no ':<4} {p['detail']}")
-    print("\ntechniques:")
-    for src, tech in report["techniques"].items():
-        print(f"  {src:<18} {tech:<16} {report['reasons'].get(src, '')}")
-    for eff in report["effects"]:
-        print(f"\nnote: {eff}")
+    rep = report.build(cfg, env, budget=args.metadata_timeout, fetch=not args.no_metadata,
+                       mode=args.mode)
+    print(json.dumps(rep, indent=2, sort_keys=True) if args.json else report.render(rep))
     return 0

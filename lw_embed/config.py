@@ -53,10 +53,14 @@ __all__ = [
     "AggregateConfig",
     "BackendConfig",
     "Config",
+    "FileRule",
+    "FilesConfig",
     "FilterConfig",
     "FilterRule",
     "FrozenMap",
+    "InAppConfig",
     "OutputConfig",
+    "PackagesConfig",
     "ProcessesConfig",
     "ShutdownConfig",
     "SignalsConfig",
@@ -269,6 +273,129 @@ class AggregateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PackagesConfig:
+    """The package inventory source (lw_embed.sources.packages, docs/packages.md)."""
+
+    enabled: bool = True
+    root: str = field(default="/", metadata={"nonempty": True})  # sidecar: /proc/<pid>/root
+    snapshot_interval: float = field(default=43200.0, metadata=_range(60, 30 * 86400))
+    check_interval: float = field(default=60.0, metadata=_range(1, 86400))
+    usage_interval: float = field(default=10.0, metadata=_range(0.5, 3600))
+    full_refresh: float = field(default=300.0, metadata=_range(5, 86400))
+    scan_rate: int = field(default=5000, metadata=_range(100, 10000000))  # files+dirs per s
+    search_depth: int = field(default=7, metadata=_range(1, 32))
+    npm_depth: int = field(default=6, metadata=_range(1, 64))
+    rediscover_every: int = field(default=10, metadata=_range(1, 100000))  # checks
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """``[network]``: packet capture, flows, attribution and DNS (docs/network.md)."""
+
+    enabled: bool = True
+    interfaces: tuple[str, ...] = ()  # () = every interface of the network namespace
+    capture: str = field(default="auto", metadata=_one_of(
+        "auto", "tpacket_v3", "tpacket_v2", "recv", "procfs"))  # fmt: skip
+    block_size: int = field(default=1048576, metadata=_range(4096, 1 << 26))
+    block_count: int = field(default=8, metadata=_range(2, 4096))
+    frame_size: int = field(default=2048, metadata=_range(128, 65536))
+    retire_ms: int = field(default=20, metadata=_range(1, 10000))
+    snap_length: int = field(default=128, metadata=_range(96, 65535))
+    blocks_per_poll: int = field(default=4, metadata=_range(1, 4096))
+    max_flows: int = field(default=100000, metadata=_range(10, 10000000))
+    tcp_timeout: float = field(default=300.0, metadata=_range(0.1, 86400))
+    udp_timeout: float = field(default=60.0, metadata=_range(0.1, 86400))
+    close_timeout: float = field(default=5.0, metadata=_range(0, 3600))
+    active_timeout: float = field(default=60.0, metadata=_range(0.1, 86400))
+    sweep_interval: float = field(default=1.0, metadata=_range(0.01, 60))
+    procfs_interval: float = field(default=1.0, metadata=_range(0.01, 3600))
+    fd_scan_interval: float = field(default=0.2, metadata=_range(0, 60))
+    max_events_queued: int = field(default=20000, metadata=_range(10, 10000000))
+    dns: bool = True
+    dns_max_entries: int = field(default=10000, metadata=_range(1, 10000000))
+
+
+@dataclass(frozen=True, slots=True)
+class InAppConfig:
+    """In-app mode (lw_embed.start(), docs/inapp.md)."""
+
+    queue_max: int = field(default=10000, metadata=_range(16, 1000000))  # audit hook queue
+    files: bool = True  # file.write/remove/rename from the audit hook
+    sigterm: bool = False  # chain a SIGTERM handler that flushes (the app's still runs)
+
+
+FILE_ACTIONS = ("create", "modify", "attrib", "delete", "rename", "read")
+HASH_ALGORITHMS = ("sha256", "sha1", "sha512", "md5", "blake2b")
+
+
+def _check_actions(actions: tuple[str, ...]) -> str | None:
+    bad = [a for a in actions if a not in FILE_ACTIONS]
+    if bad:
+        names = ", ".join(repr(a) for a in bad)
+        return f"unknown action {names} (one of {', '.join(FILE_ACTIONS)})"
+    return None
+
+
+def _check_abs(path: str) -> str | None:
+    return None if os.path.isabs(path) else f"must be an absolute path, got {path!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class FileRule:
+    """One ``[[files.rules]]`` entry: a file or directory to monitor (docs/files.md)."""
+
+    path: str = field(metadata={"nonempty": True, "check": _check_abs})
+    name: str = ""  # "" = the path
+    recursive: bool = True
+    max_depth: int = field(default=0, metadata=_range(1, 64, 0))  # 0 = unlimited
+    exclude: tuple[str, ...] = ()  # globs: with a "/" against the path, else the name
+    actions: tuple[str, ...] = field(
+        default=("create", "modify", "attrib", "delete", "rename"),
+        metadata={"nonempty": True, "check": _check_actions},
+    )
+    hash: bool = True
+
+
+#: ``files.rules`` when the file gives none: cheap, container-sized defaults
+DEFAULT_FILE_RULES: tuple[FileRule, ...] = (
+    FileRule("/bin", "bin"), FileRule("/sbin", "sbin"), FileRule("/usr/bin", "usr-bin"),
+    FileRule("/usr/sbin", "usr-sbin"), FileRule("/usr/local/bin", "usr-local-bin"),
+    FileRule("/lib", "lib", max_depth=2), FileRule("/usr/lib", "usr-lib", max_depth=2),
+    FileRule("/etc", "etc", max_depth=4),
+    FileRule("/root/.ssh", "root-ssh"), FileRule("/app", "app", max_depth=6,
+             exclude=("node_modules", "__pycache__", ".git", "*.log", "tmp", "cache")),
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class FilesConfig:
+    """``[files]``: file integrity monitoring with who-data (lw_embed.sources.files)."""
+
+    enabled: bool = False
+    default_rules: bool = True  # no [[files.rules]]: use DEFAULT_FILE_RULES
+    rules: tuple[FileRule, ...] = ()
+    trace: bool = True  # wrapper mode: trace the file syscalls for who-data
+    hash_algorithm: str = field(default="sha256", metadata=_one_of(*HASH_ALGORITHMS))
+    hash_max_bytes: int = field(default=67108864, metadata=_range(0, 1 << 40))
+    secret_paths: tuple[str, ...] = (
+        "/etc/shadow*", "/etc/gshadow*", "*/.ssh/id_*", "/etc/ssh/ssh_host_*_key", "*.key",
+    )  # fmt: skip
+    baseline: str = ""  # "" = <data_dir>/files/baseline.sqlite
+    scan_files_per_s: int = field(default=2000, metadata=_range(10, 10000000))
+    scan_bytes_per_s: int = field(default=33554432, metadata=_range(65536, 1 << 40))
+    coalesce_quiet: float = field(default=0.5, metadata=_range(0.01, 60))
+    coalesce_max: float = field(default=10.0, metadata=_range(0.05, 3600))
+    rename_timeout: float = field(default=0.2, metadata=_range(0.001, 10))
+    attribution_window: float = field(default=30.0, metadata=_range(0.01, 600))
+    max_watches: int = field(default=0, metadata=_range(1, 10000000, 0))  # 0 = half the limit
+    periodic_interval: float = field(default=300.0, metadata=_range(0.1, 86400))
+    max_pending: int = field(default=100000, metadata=_range(10, 10000000))
+
+    def effective_rules(self) -> tuple[FileRule, ...]:
+        return self.rules or (DEFAULT_FILE_RULES if self.default_rules else ())
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -281,6 +408,10 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    inapp: InAppConfig = field(default_factory=InAppConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    packages: PackagesConfig = field(default_factory=PackagesConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
 
 # --- public API ---
 

@@ -21,7 +21,7 @@ ENV_PREFIX = "LW_EMBED_"
 #: ``LW_EMBED_*`` variables that are not config overrides (read elsewhere; ignored here).
 RESERVED_ENV = frozenset(
     {"LW_EMBED_TOKEN", "LW_EMBED_CONFIG", "LW_EMBED_BACKEND", "LW_EMBED_DATA_DIR",
-     "LW_EMBED_PYTHON"}
+     "LW_EMBED_PYTHON", "LW_EMBED_AUTOSTART"}
 )
 
 
@@ -69,7 +69,8 @@ class FrozenMap(Mapping[K, V]):
 #
 # A field's type picks how its value is read and checked:
 #   bool, int, float, str                 a TOML scalar (an int is accepted for a float)
-#   list[str], tuple[str, ...]            an array of strings ("a,b" from the environment)
+#   list[str], tuple[str, ...]            an array of strings (from the environment "a,b",
+#                                         or a TOML array: '["a", "b"]', "[]")
 #   tuple[SomeDataclass, ...]             an array of tables, each validated recursively
 #                                         against SomeDataclass (``[[filter.rules]]``)
 #   dict[str, tuple[str, ...]]            a table of arrays of strings (``[aggregate.keys]``);
@@ -291,6 +292,11 @@ def _parse_env(key: _Key, raw: str, var: str, dotted: str) -> Any:
     if kind == "str":
         return raw
     if kind == "list":
+        if text.startswith("[") and text.endswith("]"):
+            try:  # a TOML array; the type check that follows names a non-string item
+                return tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                pass  # e.g. a lone glob "[ab]": a one-item comma list
         return [item.strip() for item in raw.split(",") if item.strip()]
     if kind == "int" and _INT_RE.fullmatch(text):
         return int(text)

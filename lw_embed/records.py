@@ -29,6 +29,8 @@ LOSS       totals (dict reason -> count, cumulative since the core started)
 STATUS     metrics (dict name -> number, cumulative counters and gauges of the core)
 WORKLOAD   main_pid, argv (list[str])  (the workload was started)
 SHUTDOWN   reason (str), budget (float: seconds the worker has to drain and exit)
+FILEOP     pid, tid, syscall (str), path, path2 (rename/link target, else ""), flags
+           (a traced file syscall at entry; paths absolute, resolved by the core)
 =========  ===================================================================================
 
 ``*_ticks`` are ``/proc/<pid>/stat`` start times in clock ticks since boot: with the pid
@@ -65,6 +67,7 @@ class R(IntEnum):
     STATUS = 7
     WORKLOAD = 8
     SHUTDOWN = 9
+    FILEOP = 20  # lw_embed.sources.filetrace
 
 
 #: Number of fields after (type, time) for each record type.
@@ -78,6 +81,7 @@ ARITY: dict[int, int] = {
     R.STATUS: 1,
     R.WORKLOAD: 2,
     R.SHUTDOWN: 2,
+    R.FILEOP: 6,
 }
 
 

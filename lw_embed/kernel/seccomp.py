@@ -48,6 +48,7 @@ SECCOMP_MODE_FILTER = 2
 # classic BPF opcodes
 _LD_W_ABS = 0x20
 _JEQ_K = 0x15
+_JSET_K = 0x45
 _RET_K = 0x06
 
 # offsets in struct seccomp_data
@@ -63,11 +64,15 @@ def _off_arg_lo(i: int) -> int:
 class Rule:
     """Trace syscall ``name`` and tag the stop with ``data`` (read back by the tracer with
     PTRACE_GETEVENTMSG). ``arg0`` narrows the rule to calls whose first argument's low 32
-    bits equal it (i386 ``socketcall`` multiplexes connect, bind, ...)."""
+    bits equal it (i386 ``socketcall`` multiplexes connect, bind, ...). ``flags_arg``
+    narrows it to calls whose argument ``flags_arg`` has a bit of ``flags_mask`` set in
+    its low 32 bits (write-opens: ``openat`` flags & (O_WRONLY|O_RDWR|O_CREAT|O_TRUNC))."""
 
     name: str
     data: int
     arg0: int | None = None
+    flags_arg: int | None = None
+    flags_mask: int = 0
 
 
 # x32 numbers that differ from "x86-64 number | X32 bit" (from the x32 block of the table).
@@ -76,7 +81,7 @@ _X86_64 = {name: nr for nr, name in _x86_64.SYSCALL_NAMES.items() if nr < 512}
 # python-ptrace's i386 table ends at 319; the direct socket calls came in Linux 4.3
 _I386 = {name: nr for nr, name in _i386.SYSCALL_NAMES.items()} | {
     "execveat": 358, "socket": 359, "socketpair": 360, "bind": 361, "connect": 362,
-    "listen": 363, "accept4": 364,
+    "listen": 363, "accept4": 364, "utimensat": 320, "renameat2": 353,
 }  # fmt: skip
 #: i386 socketcall(2) sub-call numbers (linux/net.h)
 SOCKETCALL = {"bind": 2, "connect": 3, "listen": 4, "accept": 5, "accept4": 18}
@@ -136,7 +141,15 @@ def _arch_block(arch: int, rules: Sequence[Rule]) -> list[Insn]:
             nrs = [(n, rule.arg0) for n in syscall_numbers(arch, rule.name)]
         ret = _stmt(_RET_K, SECCOMP_RET_TRACE | (rule.data & SECCOMP_RET_DATA))
         for nr, arg0 in nrs:
-            if arg0 is None:
+            if rule.flags_arg is not None:
+                block += [
+                    _jeq(nr, 0, 4),
+                    _stmt(_LD_W_ABS, _off_arg_lo(rule.flags_arg)),
+                    (_JSET_K, 0, 1, rule.flags_mask),
+                    ret,
+                    _stmt(_LD_W_ABS, _OFF_NR),
+                ]
+            elif arg0 is None:
                 block += [_jeq(nr, 0, 1), ret]
             else:
                 block += [

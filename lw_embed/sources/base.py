@@ -88,7 +88,12 @@ class WorkerSource(Protocol):
 Factory = Callable[[SourceContext], WorkerSource | None]
 
 #: name -> "module:function"; the function takes a SourceContext
-FACTORIES: dict[str, str] = {}
+FACTORIES: dict[str, str] = {
+    "packages": "lw_embed.sources.packages:make",
+    "audit": "lw_embed.sources.audit:factory",
+    "network": "lw_embed.sources.packets:make",
+    "files": "lw_embed.sources.files:factory",
+}
 
 
 @dataclass(slots=True)
@@ -99,12 +104,13 @@ class Failed:
     reason: str
 
 
-def build(ctx: SourceContext, factories: Mapping[str, str] = FACTORIES,
+def build(ctx: SourceContext, factories: Mapping[str, str] | None = None,
           ) -> tuple[list[WorkerSource], list[Failed]]:  # fmt: skip
-    """Build every listed source; the ones that fail are returned apart, with why."""
+    """Build every listed source (default: :data:`FACTORIES`); the ones that fail are
+    returned apart, with why."""
     built: list[WorkerSource] = []
     failed: list[Failed] = []
-    for name, target in factories.items():
+    for name, target in (FACTORIES if factories is None else factories).items():
         module, _, func = target.partition(":")
         try:
             factory: Factory = getattr(importlib.import_module(module), func)

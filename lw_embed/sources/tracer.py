@@ -20,6 +20,14 @@ its exit report. Threads are told from processes by ``/proc/<tgid>/task/<tid>``;
 execve from a non-leader thread is reported with the former tid, which we forget.
 Job-control stops are resumed with ``PTRACE_LISTEN``, so SIGSTOP/SIGTSTP/SIGCONT behave
 as without a tracer.
+
+Attaching (the sidecar): :meth:`Tracer.attach` seizes every thread of a running
+process, re-listing ``/proc/<pid>/task`` until no new thread shows up (as ``strace -p``
+does), with ``ptrace_options(False, exitkill=False)``: a tracer that dies leaves its
+tracees running. :meth:`Tracer.begin_detach` sends ``PTRACE_INTERRUPT`` to every task;
+each next stop is handled as usual but ends in ``PTRACE_DETACH`` (the signal of a
+signal-delivery-stop re-injected, a group-stop left as the kernel keeps it) instead of
+a resume.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from dataclasses import dataclass
 from lw_embed.kernel import procfs, seccomp
 from lw_embed.kernel import ptrace as pt
 from lw_embed.records import R, frame
+from lw_embed.sources import filetrace
 
 Emit = Callable[[bytes], None]
 
@@ -56,6 +65,8 @@ class TracerOptions:
     trace_connect: bool
     #: names of handlers that raise on purpose (fault-injection tests only)
     faults: frozenset[str] = frozenset()
+    #: file monitoring's roots (lw_embed.sources.filetrace); () = file syscalls untraced
+    file_roots: tuple[str, ...] = ()
 
 
 def seccomp_rules(opts: TracerOptions) -> list[seccomp.Rule]:
@@ -63,17 +74,20 @@ def seccomp_rules(opts: TracerOptions) -> list[seccomp.Rule]:
     rules = []
     if opts.trace_connect:
         rules.append(seccomp.Rule("connect", TAG_CONNECT))
+    if opts.file_roots:
+        rules += filetrace.file_rules()
     return rules
 
 
-def ptrace_options(with_seccomp: bool) -> int:
+def ptrace_options(with_seccomp: bool, exitkill: bool = True) -> int:
     o = (
         pt.PTRACE_O_TRACEFORK
         | pt.PTRACE_O_TRACEVFORK
         | pt.PTRACE_O_TRACECLONE
         | pt.PTRACE_O_TRACEEXEC
-        | pt.PTRACE_O_EXITKILL
     )
+    if exitkill:
+        o |= pt.PTRACE_O_EXITKILL
     return o | pt.PTRACE_O_TRACESECCOMP if with_seccomp else o
 
 
@@ -114,6 +128,10 @@ class Tracer:
         self.errors: dict[str, int] = {}
         #: called with (tid, signal) when a tracee enters a job-control stop
         self.on_group_stop: Callable[[int, int], None] | None = None
+        #: after begin_detach(): every stop ends in PTRACE_DETACH instead of a resume
+        self.detaching = False
+        self.detached = 0
+        self._interrupted: set[int] = set()
 
     # -- bookkeeping -------------------------------------------------------------------
     def add_root(self, pid: int) -> None:
@@ -171,7 +189,9 @@ class Tracer:
             self.errors["core.handler_error"] = self.errors.get("core.handler_error", 0) + 1
         finally:
             try:
-                if listen:
+                if self.detaching:
+                    self._detach(tid, resume_sig)
+                elif listen:
                     pt.listen(tid)
                 else:
                     pt.cont(tid, resume_sig)
@@ -189,6 +209,64 @@ class Tracer:
             core = bool(os.WCOREDUMP(status)) if sig is not None else False
             self._emit(frame(R.EXIT, time.time_ns(), tid, code, sig, core))
         return True
+
+    # -- attach and detach (the sidecar) -----------------------------------------------
+    def attach(self, pid: int, options: int, proc: str = procfs.PROC) -> int:
+        """``PTRACE_SEIZE`` every thread of the running process ``pid``; the number of
+        threads newly seized. Threads are listed again until a pass finds none new (a
+        thread cloned by one not yet seized would be missed otherwise). Raises
+        PtraceFailed when not even one thread could be seized (EPERM: no
+        CAP_SYS_PTRACE, or traced by someone else; ESRCH: gone)."""
+        seized = 0
+        first_error: pt.PtraceFailed | None = None
+        for _ in range(16):  # bounded: a process cloning threads without end
+            try:
+                tids = [int(n) for n in os.listdir(f"{proc}/{pid}/task") if n.isdigit()]
+            except OSError:
+                break  # gone
+            new = [t for t in tids if t not in self.tasks]
+            if not new:
+                break
+            progress = False
+            for tid in sorted(new):
+                try:
+                    pt.seize(tid, options)
+                except pt.PtraceFailed as exc:
+                    if first_error is None:
+                        first_error = exc
+                    continue
+                self.tasks[tid] = pid
+                seized += 1
+                progress = True
+            if not progress:
+                break
+        if not seized and first_error is not None:
+            raise first_error
+        if not seized and pid not in self.tasks:
+            raise pt.PtraceFailed(errno.ESRCH, os.strerror(errno.ESRCH))
+        return seized
+
+    def begin_detach(self) -> int:
+        """Start letting go of every task; call :meth:`detach_step` again after each
+        batch of stops. Returns the number of tasks still attached."""
+        self.detaching = True
+        return self.detach_step()
+
+    def detach_step(self) -> int:
+        """``PTRACE_INTERRUPT`` the tasks not yet interrupted (new children included);
+        a task the kernel no longer counts as ours is forgotten. Tasks still attached."""
+        for tid in [t for t in self.tasks if t not in self._interrupted]:
+            self._interrupted.add(tid)
+            try:
+                pt.interrupt(tid)
+            except pt.PtraceFailed:
+                self.tasks.pop(tid, None)  # not our tracee any more (detached or reaped)
+        return len(self.tasks)
+
+    def _detach(self, tid: int, sig: int) -> None:
+        self.tasks.pop(tid, None)
+        pt.detach(tid, sig)
+        self.detached += 1
 
     # -- handlers -----------------------------------------------------------------------
     def _adopt(self, tid: int) -> None:
@@ -249,6 +327,10 @@ class Tracer:
     def _on_seccomp(self, tid: int) -> None:
         self._fault("seccomp")
         _op, arch, nr, args, tag = pt.get_syscall_info(tid)
+        if filetrace.is_file_tag(tag & seccomp.SECCOMP_RET_DATA):
+            filetrace.on_stop(self._emit, self.tasks.get(tid, tid), tid, args,
+                              tag & seccomp.SECCOMP_RET_DATA, self._opts.file_roots, time.time_ns())
+            return
         if tag & seccomp.SECCOMP_RET_DATA != TAG_CONNECT:
             return
         fd, addr, alen = args[0], args[1], args[2]

@@ -121,6 +121,28 @@ max_groups = 100
 [aggregate.keys]
 "process.exec" = ["exe", "argv"]
 "net.connect" = []
+
+[network]
+enabled = false
+interfaces = ["eth0", "lo"]
+capture = "tpacket_v2"
+block_size = 65536
+block_count = 4
+frame_size = 1024
+retire_ms = 5
+snap_length = 256
+blocks_per_poll = 2
+max_flows = 500
+tcp_timeout = 30
+udp_timeout = 6.5
+close_timeout = 1
+active_timeout = 10
+sweep_interval = 0.5
+procfs_interval = 2
+fd_scan_interval = 0.1
+max_events_queued = 100
+dns = false
+dns_max_entries = 50
 """
 
 FULL_DICT: dict[str, dict[str, Any]] = {
@@ -181,6 +203,14 @@ FULL_DICT: dict[str, dict[str, Any]] = {
         "window": 2.5,
         "max_groups": 100,
         "keys": {"process.exec": ["exe", "argv"], "net.connect": []},
+    },
+    "network": {
+        "enabled": False, "interfaces": ["eth0", "lo"], "capture": "tpacket_v2",
+        "block_size": 65536, "block_count": 4, "frame_size": 1024, "retire_ms": 5,
+        "snap_length": 256, "blocks_per_poll": 2, "max_flows": 500, "tcp_timeout": 30.0,
+        "udp_timeout": 6.5, "close_timeout": 1.0, "active_timeout": 10.0,
+        "sweep_interval": 0.5, "procfs_interval": 2.0, "fd_scan_interval": 0.1,
+        "max_events_queued": 100, "dns": False, "dns_max_entries": 50,
     },
 }
 
@@ -709,8 +739,19 @@ def test_every_config_key_is_reachable_by_env() -> None:
                 continue  # tables and arrays of tables: see test_nested_keys_not_from_env
             var = f"LW_EMBED_{section}_{key}".upper()
             raw = str(default).lower() if isinstance(default, bool) else str(default)
-            cfg = load_config(None, {var: raw})
-            assert getattr(getattr(cfg, section), key) == default, var
+            cfg = load_config(None, {var: raw})  # a list as str(): a TOML array
+            assert config_to_dict(cfg)[section][key] == default, var  # tuples as lists
+
+
+@pytest.mark.parametrize(("raw", "value"), [
+    ("eth0, lo", ("eth0", "lo")), ("", ()), ("[]", ()), ('["eth0", "lo"]', ("eth0", "lo")),
+    ("['eth0']", ("eth0",)), ("[eth*]", ("[eth*]",)),  # not TOML: a one-item comma list
+])  # fmt: skip
+def test_env_lists_are_comma_lists_or_toml_arrays(raw: str, value: tuple[str, ...]) -> None:
+    assert load_config(None, {"LW_EMBED_NETWORK_INTERFACES": raw}).network.interfaces == value
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"LW_EMBED_NETWORK_INTERFACES": "[1, 2]"})
+    assert info.value.key == "network.interfaces"
 
 
 # --- [filter] and [aggregate]: arrays of tables and tables of lists ---

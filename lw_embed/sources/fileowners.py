@@ -1,0 +1,145 @@
+"""Which installed package owns a monitored file, and the digest its database recorded.
+
+Interface: the :class:`lw_embed.sources.files.PackageOwners` protocol. Two providers:
+
+- :class:`InventoryOwners` wraps the package inventory's owner index
+  (:meth:`lw_embed.sources.packages.inventory.Inventory.owner_of`, path -> package index)
+  when the worker can hand one over; it knows owners, not digests (the inventory keeps
+  file lists only), except for dpkg packages, whose ``md5sums`` it reads on demand.
+- :class:`DpkgOwners` (the default, self-contained): ``<root>/var/lib/dpkg/info/*.list``
+  read once, lazily, keeping only the paths under the monitored roots (so its memory is
+  bounded by what is monitored, not by the image); each listed directory is resolved once
+  with ``realpath`` so usr-merged ``/bin/ls`` matches ``/usr/bin/ls``. The recorded digest
+  (md5) comes from ``info/<package>.md5sums``, read per package on first need.
+
+Capability: read access to the dpkg database. Cost: one pass over the ``.list`` files
+(about 120k lines, ~0.3 s here) at the first lookup; then a dict lookup per change, and
+one md5sums read per package (cached, 256 packages). Failure modes: no dpkg database =
+no owners (``owner`` returns None); unreadable files are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from lw_embed.config import Config
+
+MD5_CACHE = 256
+
+
+class PackageOwners(Protocol):
+    """The package inventory's owner index, as this source uses it."""
+
+    def owner(self, path: str) -> tuple[str, str | None, str | None] | None:
+        """(package label, digest algorithm, recorded digest) of the package owning
+        ``path``, or None."""
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+class _Md5sums:
+    """Recorded md5 digests per dpkg package, read on demand (LRU)."""
+
+    def __init__(self, info: str) -> None:
+        self.info = info
+        self._cache: OrderedDict[str, dict[str, str]] = OrderedDict()
+
+    def digest(self, package: str, path: str, aliases: dict[str, str]) -> str | None:
+        sums = self._cache.get(package)
+        if sums is None:
+            sums = {}
+            base = package.split(":", 1)[0]
+            for cand in (f"{package}.md5sums", f"{base}.md5sums"):
+                try:
+                    with open(os.path.join(self.info, cand), errors="surrogateescape") as f:
+                        for line in f:
+                            digest, _, rel = line.rstrip("\n").partition("  ")
+                            p = "/" + rel
+                            sums[aliases.get(p, p)] = digest
+                    break
+                except OSError:
+                    continue
+            self._cache[package] = sums
+            if len(self._cache) > MD5_CACHE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(package)
+        return sums.get(path)
+
+
+class DpkgOwners:
+    """Owners of monitored paths from the dpkg database (see the module docstring)."""
+
+    def __init__(self, roots: Sequence[str], root: str = "/") -> None:
+        self.roots = tuple(roots)
+        self.root = root
+        self.info = os.path.join(root, "var/lib/dpkg/info")
+        self._index: dict[str, str] | None = None
+        self._alias: dict[str, str] = {}  # listed path -> canonical path (usr-merge)
+        self._md5 = _Md5sums(self.info)
+
+    def _build(self) -> dict[str, str]:
+        index: dict[str, str] = {}
+        real_dirs: dict[str, str] = {}
+        try:
+            names = [n for n in os.listdir(self.info) if n.endswith(".list")]
+        except OSError:
+            return index
+        for name in names:
+            pkg = name[:-5]
+            try:
+                with open(os.path.join(self.info, name), errors="surrogateescape") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            for listed in lines:
+                d, _, base = listed.rpartition("/")
+                real = real_dirs.get(d)
+                if real is None:
+                    real = real_dirs[d] = os.path.realpath(self.root.rstrip("/") + d or "/")
+                path = f"{real}/{base}" if real != "/" else f"/{base}"
+                if _under(path, self.roots):
+                    index[path] = pkg
+                    if path != listed:
+                        self._alias[listed] = path
+        return index
+
+    def owner(self, path: str) -> tuple[str, str | None, str | None] | None:
+        if self._index is None:
+            self._index = self._build()
+        pkg = self._index.get(path)
+        if pkg is None:
+            return None
+        return f"deb:{pkg}", "md5", self._md5.digest(pkg, path, self._alias)
+
+
+class InventoryOwners:
+    """The package inventory's owner index (lw_embed.sources.packages) as PackageOwners."""
+
+    def __init__(self, inventory: Any, root: str = "/") -> None:
+        self.inv = inventory
+        self._md5 = _Md5sums(os.path.join(root, "var/lib/dpkg/info"))
+
+    def owner(self, path: str) -> tuple[str, str | None, str | None] | None:
+        idx = self.inv.owner_of(path)
+        if idx is None:
+            return None
+        pkg = self.inv.packages[idx]
+        label = f"{pkg.ecosystem}:{pkg.name}@{pkg.version}"
+        if pkg.ecosystem == "deb":
+            name = f"{pkg.name}:{pkg.arch}" if pkg.arch else pkg.name
+            return label, "md5", self._md5.digest(name, path, {})
+        return label, None, None
+
+
+def dpkg_owners(cfg: Config) -> DpkgOwners | None:
+    """The dpkg owners of the monitored paths, when the root has a dpkg database."""
+    root = cfg.packages.root
+    if not os.path.isdir(os.path.join(root, "var/lib/dpkg/info")):
+        return None
+    return DpkgOwners([os.path.realpath(r.path) for r in cfg.files.effective_rules()], root)

@@ -1,0 +1,205 @@
+"""[files] config, the compiled rules, the baseline comparison and the inotify parser."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from lw_embed.cli import main
+from lw_embed.config import DEFAULT_FILE_RULES, FileRule, config_from_dict, load_config
+from lw_embed.errors import ConfigError
+from lw_embed.kernel import inotify
+from lw_embed.pipeline.baseline import Baseline, Entry, compare
+from lw_embed.pipeline.filerules import RuleSet
+
+
+def test_files_section_parses_rules_and_defaults() -> None:
+    cfg = config_from_dict({"files": {"enabled": True, "rules": [
+        {"path": "/srv/app", "exclude": ["*.log"], "actions": ["create", "delete"],
+         "max_depth": 3, "hash": False}]}})  # fmt: skip
+    (rule,) = cfg.files.effective_rules()
+    assert rule.path == "/srv/app" and rule.actions == ("create", "delete")
+    assert rule.max_depth == 3 and rule.hash is False and rule.exclude == ("*.log",)
+    assert config_from_dict({}).files.effective_rules() == DEFAULT_FILE_RULES
+    assert config_from_dict({"files": {"default_rules": False}}).files.effective_rules() == ()
+
+
+@pytest.mark.parametrize(("files", "key"), [
+    ({"rules": [{"path": "relative"}]}, "files.rules[0].path"),
+    ({"rules": [{"path": "/x", "actions": ["explode"]}]}, "files.rules[0].actions"),
+    ({"rules": [{"path": "/x", "max_depth": 999}]}, "files.rules[0].max_depth"),
+    ({"hash_algorithm": "crc32"}, "files.hash_algorithm"),
+    ({"scan_files_per_s": 0}, "files.scan_files_per_s"),
+])  # fmt: skip
+def test_bad_files_values_name_the_key(files: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({"files": files})
+    assert key in str(exc.value)
+
+
+def test_bad_file_rule_in_a_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[files]\nenabled = true\n[[files.rules]]\npath = "/x"\nactions = ["nope"]\n')
+    assert main(["validate-config", str(f)]) == 2
+    assert "files.rules[0].actions" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        load_config(str(f), {})
+
+
+def test_env_override_of_files_scalars() -> None:
+    env = {"LW_EMBED_FILES_ENABLED": "true", "LW_EMBED_FILES_COALESCE_QUIET": "2"}
+    cfg = load_config(None, env)
+    assert cfg.files.enabled and cfg.files.coalesce_quiet == 2.0
+
+
+def test_rule_matching_depth_exclusions_and_longest_root(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "f").write_text("x")
+    root = str(tmp_path.resolve())
+    rs = RuleSet([
+        FileRule(root, "top", max_depth=2, exclude=("cache", f"{root}/a/skip*")),
+        FileRule(f"{root}/a/b", "deep"),
+        FileRule(f"{root}/f", "single"),
+    ], secret_paths=("*.key", "/etc/shadow"))  # fmt: skip
+    assert rs.rule_of(f"{root}/x").name == "top"  # type: ignore[union-attr]
+    assert rs.rule_of(f"{root}/a/b/c/d/e").name == "deep"  # type: ignore[union-attr]
+    assert rs.rule_of(f"{root}/a/x/y") is None  # depth 3 > 2
+    assert rs.rule_of(f"{root}/cache/x") is None and rs.rule_of(f"{root}/a/cache") is None
+    assert rs.rule_of(f"{root}/a/skipme") is None and rs.rule_of(f"{root}/a/keep") is not None
+    assert rs.rule_of(f"{root}/f").name == "single"  # type: ignore[union-attr]
+    assert rs.watch_rule(f"{root}/a") is not None and rs.watch_rule(f"{root}/a/x") is None
+    assert rs.watch_rule(f"{root}/cache") is None  # never watched
+    assert rs.is_secret("/srv/tls.key") and rs.is_secret("/etc/shadow")
+    assert not rs.is_secret("/etc/passwd")
+    assert rs.under_any_root(f"{root}/cache/x") and not rs.under_any_root("/elsewhere")
+
+
+def test_non_recursive_rule_reaches_depth_one(tmp_path: Path) -> None:
+    rs = RuleSet([FileRule(str(tmp_path), recursive=False)])
+    assert rs.rule_of(f"{tmp_path}/x") is not None
+    assert rs.rule_of(f"{tmp_path}/d/x") is None
+    assert rs.watch_rule(f"{tmp_path}/d") is None
+
+
+def _e(**kw: object) -> Entry:
+    base: dict[str, object] = dict(path="/p", inode=1, mode=0o100644, uid=0, gid=0, size=1,
+                                   mtime=5, hash="aa")  # fmt: skip
+    base.update(kw)
+    return Entry(**base)  # type: ignore[arg-type]
+
+
+def test_compare_tells_content_from_attributes() -> None:
+    assert compare(None, _e()) == "create"
+    assert compare(_e(), _e()) is None
+    assert compare(_e(), _e(hash="bb", mtime=6)) == "modify"
+    assert compare(_e(), _e(mode=0o100600)) == "attrib"
+    assert compare(_e(), _e(uid=1000)) == "attrib"
+    assert compare(_e(hash=None), _e(hash=None, size=2)) == "modify"
+    assert compare(_e(), _e(mode=0o40755)) == "modify"  # a file replaced by a directory
+
+
+def test_baseline_tree_operations(tmp_path: Path) -> None:
+    b = Baseline(str(tmp_path / "b.sqlite"))
+    for p in ("/r/a", "/r/a/x", "/r/a/y/z", "/r/ab", "/r/b"):
+        b.put(_e(path=p))
+    assert sorted(b.children("/r")) == ["/r/a", "/r/ab", "/r/b"]
+    b.rename_tree("/r/a", "/r/c")
+    assert sorted(b.all()) == ["/r/ab", "/r/b", "/r/c", "/r/c/x", "/r/c/y/z"]
+    assert b.delete_tree("/r/c") == ["/r/c/y/z", "/r/c/x", "/r/c"]
+    assert sorted(b.all()) == ["/r/ab", "/r/b"]
+    b.commit()
+    b.close()
+    assert sorted(Baseline(str(tmp_path / "b.sqlite")).all()) == ["/r/ab", "/r/b"]
+
+
+def test_corrupt_baseline_is_moved_aside(tmp_path: Path) -> None:
+    p = tmp_path / "b.sqlite"
+    p.write_bytes(b"this is not a database" * 100)
+    b = Baseline(str(p))
+    assert b.count() == 0 and os.path.exists(str(p) + ".corrupt")
+
+
+def test_inotify_parse_handles_names_and_a_torn_tail() -> None:
+    raw = struct.pack("iIII", 1, inotify.IN_CREATE, 0, 8) + b"abc\0\0\0\0\0"
+    raw += struct.pack("iIII", 2, inotify.IN_Q_OVERFLOW, 0, 0)
+    evs = inotify.parse(raw + b"\x01\x02")
+    assert [(e.wd, e.mask, e.name) for e in evs] == [(1, inotify.IN_CREATE, "abc"),
+                                                     (2, inotify.IN_Q_OVERFLOW, "")]
+
+
+def test_watch_option_adds_a_rule_and_enables_monitoring(tmp_path: Path) -> None:
+    from lw_embed.pipeline.filerules import with_watch
+
+    base = config_from_dict({"files": {"rules": [{"path": "/etc", "name": "etc"}]}})
+    cfg = with_watch(base, [str(tmp_path)])
+    assert cfg.files.enabled
+    assert [r.path for r in cfg.files.effective_rules()] == ["/etc", str(tmp_path)]
+    assert set(cfg.files.rules[-1].actions) == {"create", "modify", "attrib", "delete", "rename"}
+    # off by default: --watch alone monitors just its paths, not the default set
+    only = with_watch(config_from_dict({}), ["rel"])
+    assert [r.path for r in only.files.effective_rules()] == [os.path.abspath("rel")]
+
+
+def _run_bpf(prog: list[tuple[int, int, int, int]], nr: int, arch: int, args: list[int]) -> int:
+    """A tiny classic-BPF interpreter for the instructions the filter uses."""
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *args)
+    acc, pc = 0, 0
+    for _ in range(10000):
+        code, jt, jf, k = prog[pc]
+        if code == 0x20:  # ld w abs
+            acc = struct.unpack_from("<I", data, k)[0]
+            pc += 1
+        elif code == 0x15:  # jeq k
+            pc += 1 + (jt if acc == k else jf)
+        elif code == 0x45:  # jset k
+            pc += 1 + (jt if acc & k else jf)
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+    raise AssertionError("no return")
+
+
+def test_filter_traces_write_opens_and_file_syscalls_only_when_monitoring() -> None:
+    from lw_embed.kernel import seccomp as sc
+    from lw_embed.sources import filetrace as ft
+    from lw_embed.sources.tracer import TracerOptions, seccomp_rules
+
+    off = seccomp_rules(TracerOptions(4096, 256, True))
+    assert not any(ft.is_file_tag(r.data) for r in off)
+    rules = seccomp_rules(TracerOptions(4096, 256, True, file_roots=("/app",)))
+    prog = sc.build_trace_filter(rules, (sc.AUDIT_ARCH_X86_64, sc.AUDIT_ARCH_I386))
+    x86, i386 = sc.AUDIT_ARCH_X86_64, sc.AUDIT_ARCH_I386
+    openat = sc.syscall_numbers(x86, "openat")
+    trace = sc.SECCOMP_RET_TRACE
+    for nr in openat:  # x86-64 and x32
+        assert _run_bpf(prog, nr, x86, [0, 0, os.O_RDONLY, 0, 0, 0]) == sc.SECCOMP_RET_ALLOW
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC | os.O_RDONLY):
+            got = _run_bpf(prog, nr, x86, [0, 0, flags | os.O_CLOEXEC, 0, 0, 0])
+            assert got & 0xFFFF0000 == trace and ft.is_file_tag(got & 0xFFFF)
+    (i386_open,) = sc.syscall_numbers(i386, "open")
+    assert _run_bpf(prog, i386_open, i386, [0, os.O_RDONLY, 0, 0, 0, 0]) == sc.SECCOMP_RET_ALLOW
+    assert _run_bpf(prog, i386_open, i386, [0, os.O_WRONLY, 0, 0, 0, 0]) & 0xFFFF0000 == trace
+    for name in ("unlinkat", "renameat2", "fchmodat", "mkdir", "utimensat", "fchown"):
+        (nr, *_) = sc.syscall_numbers(x86, name)
+        assert ft.is_file_tag(_run_bpf(prog, nr, x86, [0] * 6) & 0xFFFF), name
+    (read_nr, *_) = sc.syscall_numbers(x86, "read")
+    assert _run_bpf(prog, read_nr, x86, [0] * 6) == sc.SECCOMP_RET_ALLOW
+    (connect, *_) = sc.syscall_numbers(x86, "connect")
+    assert _run_bpf(prog, connect, x86, [0] * 6) == trace | 1  # TAG_CONNECT still there
+
+
+def test_trace_roots_follow_the_config() -> None:
+    from lw_embed.sources.filetrace import trace_roots
+
+    assert trace_roots(config_from_dict({})) == ()
+    on = config_from_dict({"files": {"enabled": True, "rules": [{"path": "/srv"}]}})
+    assert trace_roots(on) == (os.path.realpath("/srv"),)
+    off = config_from_dict({"files": {"enabled": True, "trace": False,
+                                      "rules": [{"path": "/srv"}]}})  # fmt: skip
+    assert trace_roots(off) == ()
