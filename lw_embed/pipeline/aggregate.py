@@ -12,20 +12,31 @@ not listed passes untouched). A field is a top-level event field, or one of the 
 ``exe``, ``parent_exe`` (``ancestors[0].exe``) and ``name`` (basename of ``exe``), taken
 from the event or else its process context. The filter's outcome (``matched_rules``,
 ``alert``) is always part of the group, so an alert is never folded into a non-alert
-group. The first event of a group is returned at once, unchanged (it counts as 1). Each
-repeat within the group's window (``aggregate.window`` seconds from the first) is folded;
-when the window ends (or on a forced flush) the group is forgotten and, if there were
-repeats, one summary goes out: the last repeat's event plus ``count`` (repeats folded),
-``first_seen``/``last_seen`` (the ``time`` of the first and last repeat, ns) and
-``aggregated: true``. So the sum of ``count or 1`` over the records returned equals the
-number of events added, once everything is flushed: nothing is summarised away without its
-count.
+group. The first event of a group is returned at once, unchanged. Each repeat within the
+group's window (``aggregate.window`` seconds from the first) is folded; when the window
+ends (or on a forced flush) the group is forgotten and, if there were repeats, one summary
+goes out: the last repeat's event plus ``count`` (repeats folded), ``first_seen``/
+``last_seen`` (the ``time`` of the first and last repeat, ns) and ``aggregated: true``.
+
+Weights: an event may arrive already summarised by its source (``aggregated: true`` and an
+int ``count`` >= 1, e.g. the in-app audit source folding identical calls of one drain,
+with ``first_seen``/``last_seen``): it stands for ``count`` events. Starting a group it is
+returned as is (it already is a summary); folded into a group it adds ``count`` to the
+group's count, and its ``first_seen``/``last_seen`` (else its ``time``) widen the group's.
+An event with ``aggregated: true`` but no valid ``count`` counts as 1 and is stripped of
+``aggregated``/``count``/``first_seen``/``last_seen`` (bad input never inflates counts).
+So the sum of ``count or 1`` over the records returned equals the sum of the weights of
+the events added (1 for a plain event), once everything is flushed: nothing is summarised
+away without its count.
 
 Capability: none.
 
-Cost: per event one dict lookup on a tuple of the group's values (lists are frozen to
-tuples); a summary costs one copy of the last event. Memory is bounded by
-``aggregate.max_groups`` groups, each holding at most one event.
+Cost: per event one clock read, one float compare against the cached deadline of the
+oldest group (no group is looked at unless one can expire) and one dict lookup on a tuple
+of the group's values (lists are frozen to tuples; plain fields are read without a call);
+about 0.65 us for a repeat on the 2-core test box (1.0 us before the deadline cache and
+the inlined field reads). A summary costs one copy of the last event. Memory is bounded
+by ``aggregate.max_groups`` groups, each holding at most one event.
 
 Failure modes: nothing raises on odd events (unhashable values are frozen; a missing field
 is a value of its own). When a new group would exceed ``max_groups`` the oldest group is
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from math import inf
 from typing import Any
 
 __all__ = ["DERIVED_FIELDS", "Aggregator"]
@@ -46,6 +58,8 @@ _MAP = object()  # marks a frozen mapping (so {"a": 1} and [["a", 1]] differ)
 _BOOL = object()  # marks a bool (so True and 1 differ)
 
 _Getter = Callable[[Mapping[str, Any], Mapping[str, Any] | None], Any]
+#: what a source-made summary carries besides its event's fields
+_SUMMARY_FIELDS = frozenset({"aggregated", "count", "first_seen", "last_seen"})
 
 
 def _freeze(value: Any) -> Any:
@@ -102,11 +116,22 @@ def _name(event: Mapping[str, Any], proc: Mapping[str, Any] | None) -> Any:
 DERIVED_FIELDS: Mapping[str, _Getter] = {"exe": _exe, "parent_exe": _parent_exe, "name": _name}
 
 
-def _getter(field: str) -> _Getter:
-    derived = DERIVED_FIELDS.get(field)
-    if derived is not None:
-        return derived
-    return lambda event, proc: event.get(field, _ABSENT)
+def _plan(fields: Sequence[str]) -> tuple[tuple[str, _Getter | None], ...]:
+    """Per key field: its name and its getter (None: read the event's field as is)."""
+    return tuple((f, DERIVED_FIELDS.get(f)) for f in fields)
+
+
+def _weighed(event: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(event, weight) of an event marked ``aggregated``: its ``count``, or 1 and a copy
+    without the summary fields when the count is not an int >= 1."""
+    c = event.get("count")
+    if type(c) is int and c >= 1:
+        return event, c
+    return {k: v for k, v in event.items() if k not in _SUMMARY_FIELDS}, 1
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
 
 
 class _Group:
@@ -115,7 +140,7 @@ class _Group:
     def __init__(self, kind: str, start: float) -> None:
         self.kind = kind
         self.start = start  # clock time of the first occurrence
-        self.count = 0  # repeats folded
+        self.count = 0  # repeats folded (the sum of their weights)
         self.first_seen: Any = None
         self.last_seen: Any = None
         self.last: dict[str, Any] | None = None  # the last repeat
@@ -137,8 +162,8 @@ class Aggregator:
     """Groups of repeated events, each folded for ``window`` seconds of ``clock``."""
 
     __slots__ = (
-        "_clock", "_getters", "_groups", "_keys", "_max_groups", "_window", "evicted_groups",
-        "folded", "summaries",
+        "_clock", "_deadline", "_groups", "_keys", "_max_groups", "_plans", "_window",
+        "evicted_groups", "folded", "summaries",
     )  # fmt: skip
 
     def __init__(
@@ -153,10 +178,11 @@ class Aggregator:
         self._window = 0.0
         self._max_groups = 1
         self._keys: dict[str, tuple[str, ...]] = {}
-        self._getters: dict[str, tuple[_Getter, ...]] = {}
+        self._plans: dict[str, tuple[tuple[str, _Getter | None], ...]] = {}
+        self._deadline = inf  # the oldest group's window end (inf: no group)
         self._configure(window, max_groups, keys)
         self.evicted_groups = 0  # groups flushed early to stay within max_groups
-        self.folded = 0  # events folded into a group (not returned at once)
+        self.folded = 0  # events folded into a group (by weight; not returned at once)
         self.summaries = 0  # summary records returned
 
     def _configure(self, window: float, max_groups: int, keys: Mapping[str, Sequence[str]]) -> None:
@@ -167,7 +193,8 @@ class Aggregator:
         self._window = float(window)
         self._max_groups = max_groups
         self._keys = {kind: tuple(fields) for kind, fields in keys.items()}
-        self._getters = {kind: tuple(map(_getter, f)) for kind, f in self._keys.items()}
+        self._plans = {kind: _plan(f) for kind, f in self._keys.items()}
+        self._reset_deadline()
 
     # -- state ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -181,9 +208,7 @@ class Aggregator:
 
     def next_deadline(self) -> float | None:
         """Clock time at which the oldest open group's window ends (None: no group)."""
-        for g in self._groups.values():
-            return g.start + self._window
-        return None
+        return None if self._deadline == inf else self._deadline
 
     # -- events ---------------------------------------------------------------------------
     def add(self, event: dict[str, Any], proc: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -193,33 +218,43 @@ class Aggregator:
         this event's first occurrence when it starts a new group.
         """
         kind = event.get("kind")
-        getters = self._getters.get(kind) if isinstance(kind, str) else None
-        if getters is None or not isinstance(kind, str):
+        plan = self._plans.get(kind) if isinstance(kind, str) else None
+        if plan is None or not isinstance(kind, str):
             return [event]
+        weight = 1
+        if event.get("aggregated") is True:
+            event, weight = _weighed(event)
         now = self._clock()
+        out = self._expire(now) if now >= self._deadline else []
+        rules = event.get("matched_rules")
+        key: list[Any] = [kind, rules if rules is None else _freeze(rules),
+                          event.get("alert") is True]  # fmt: skip
+        for field, get in plan:
+            v = event.get(field, _ABSENT) if get is None else get(event, proc)
+            key.append(v if type(v) is str else _freeze(v))
         groups = self._groups
-        out: list[dict[str, Any]] = []
-        if groups and next(iter(groups.values())).start + self._window <= now:
-            out = self._expire(now)
-        key = (
-            kind,
-            _freeze(event.get("matched_rules")),
-            event.get("alert") is True,
-            *[_freeze(get(event, proc)) for get in getters],
-        )
-        g = groups.get(key)
+        g = groups.get(tuple(key))
         if g is not None:
-            g.count += 1
             t = event.get("time")
-            if g.count == 1:
-                g.first_seen = t
-            g.last_seen = t
+            first = last = t
+            if weight != 1 or "first_seen" in event:
+                first, last = event.get("first_seen", t), event.get("last_seen", t)
+            if g.count == 0:
+                g.first_seen, g.last_seen = first, last
+            else:  # min and max (values that are not ints: the first and the last)
+                if _is_int(first) and _is_int(g.first_seen) and first < g.first_seen:
+                    g.first_seen = first
+                if not (_is_int(last) and _is_int(g.last_seen) and last < g.last_seen):
+                    g.last_seen = last
+            g.count += weight
             g.last = event
-            self.folded += 1
+            self.folded += weight
             return out
         if len(groups) >= self._max_groups:
             out.extend(self._evict(len(groups) - self._max_groups + 1))
-        groups[key] = _Group(kind, now)
+        if not groups:
+            self._deadline = now + self._window
+        groups[tuple(key)] = _Group(kind, now)
         out.append(event)
         return out
 
@@ -233,6 +268,7 @@ class Aggregator:
                 if rec is not None:
                     out.append(rec)
             self._groups.clear()
+            self._deadline = inf
             self.summaries += len(out)
             return out
         return self._expire(self._clock() if now is None else now)
@@ -256,11 +292,18 @@ class Aggregator:
                 if rec is not None:
                     out.append(rec)
             self.summaries += len(out)
+            self._reset_deadline()
         if len(self._groups) > self._max_groups:
             out.extend(self._evict(len(self._groups) - self._max_groups))
         return out
 
     # -- internals ------------------------------------------------------------------------
+    def _reset_deadline(self) -> None:
+        for g in self._groups.values():
+            self._deadline = g.start + self._window
+            return
+        self._deadline = inf
+
     def _expire(self, now: float) -> list[dict[str, Any]]:
         out = []
         groups, window = self._groups, self._window
@@ -273,6 +316,7 @@ class Aggregator:
             if rec is not None:
                 out.append(rec)
         self.summaries += len(out)
+        self._reset_deadline()
         return out
 
     def _evict(self, n: int) -> list[dict[str, Any]]:
@@ -284,4 +328,5 @@ class Aggregator:
             if rec is not None:
                 out.append(rec)
         self.summaries += len(out)
+        self._reset_deadline()
         return out

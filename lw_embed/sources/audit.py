@@ -22,7 +22,11 @@ reports technique ``none``.
 
 Cost: every audit event of the host pays one Python call and a set lookup (about 0.1 us,
 see bench/audit_hook.py); a watched one a thread-ident lookup, a clock read and a deque
-append (well under 2 us); the parsing runs in the agent's thread.
+append (well under 2 us); the parsing runs in the agent's thread. There the identical
+calls of one drain (:func:`coalesced_calls`: same call and arguments, only time and
+thread differ; the kinds ``aggregate.keys`` groups, spawns never) become ONE event with
+their ``count`` (:class:`Coalesced`, which the aggregator counts as ``count`` events), so
+a request loop's repeats cost one dict lookup each, not a trip through the pipeline.
 
 ``os.exec`` is the one call the hook waits for: exec replaces the process (and the agent
 thread) right after, so it asks the agent to spool and sync the queue and waits at most
@@ -48,7 +52,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # imported by the agent thread (AuditSource), not by start()'s install
     from lw_embed.events import Event, NetBind, NetConnect, ProcessSpawn
@@ -75,6 +79,72 @@ EXEC_WAIT = 0.05
 _FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
 
 Call = tuple[str, tuple[Any, ...], int, int]
+#: the kind each coalescable call becomes (spawns are never coalesced: they are rare, and
+#: subprocess's posix_spawn is matched to its Popen call by call)
+COALESCE_KINDS = {"open": "file.write", "os.remove": "file.remove", "os.rmdir": "file.remove",
+                  "os.rename": "file.rename", "socket.connect": "net.connect",
+                  "socket.bind": "net.bind"}  # fmt: skip
+
+
+class Coalesced:
+    """``count`` identical calls of one drain as one event: the last call's event plus
+    ``aggregated``, ``count``, ``first_seen``/``last_seen`` (the aggregator takes it as
+    ``count`` events, see lw_embed.pipeline.aggregate). One subclass per kind
+    (:data:`_COALESCED`), so ``kind`` stays a class attribute as for every event."""
+
+    kind: ClassVar[str] = ""
+    __slots__ = ("count", "event", "first_seen", "time")
+
+    def __init__(self, event: Event, count: int, first_seen: int) -> None:
+        self.event, self.count, self.first_seen, self.time = event, count, first_seen, event.time
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = self.event.to_wire()
+        wire["aggregated"] = True
+        wire["count"] = self.count
+        wire["first_seen"] = self.first_seen
+        wire["last_seen"] = self.time
+        return dict(sorted(wire.items()))
+
+
+_COALESCED: dict[str, type[Coalesced]] = {
+    k: type(f"Coalesced_{k.replace('.', '_')}", (Coalesced,), {"kind": k, "__slots__": ()})
+    for k in set(COALESCE_KINDS.values())
+}
+
+
+def coalesced_calls(keys: Mapping[str, Sequence[str]]) -> dict[str, bool]:
+    """The calls whose repeats within one drain are folded into one :class:`Coalesced`
+    (-> whether the thread is part of what makes a repeat): those whose kind the
+    aggregator groups (``aggregate.keys``) on fields other than ``time``. A repeat is
+    then the same call with the same arguments: it differs only in time (and thread),
+    which is all the aggregator would fold anyway."""
+    out = {}
+    for call, kind in COALESCE_KINDS.items():
+        fields = keys.get(kind)
+        if fields is not None and "time" not in fields:
+            out[call] = "tid" in fields
+    return out
+
+
+def _repeat_key(call: Call, with_tid: bool) -> tuple[Any, ...] | None:
+    """What makes ``call`` a repeat of another (None: it is reported alone)."""
+    event, args = call[0], call[1]
+    if event == "open":
+        key: tuple[Any, ...] = (event, args[0], args[2]) if type(args[0]) is str else ()
+    elif event == "os.rename":
+        key = (event, args[0], args[1]) if type(args[0]) is str and type(args[1]) is str else ()
+    elif event in SOCKETS:
+        sock, addr = args[0], args[1]
+        if not isinstance(sock, socket.socket) or not isinstance(addr, tuple | str | bytes):
+            return None
+        key = (event, args[2], sock.family, addr)
+        hash(key)
+    else:  # os.remove, os.rmdir
+        key = (event, args[0]) if type(args[0]) is str else ()
+    if not key:
+        return None
+    return (*key, call[3]) if with_tid else key
 
 
 class HookState:
@@ -261,6 +331,8 @@ class AuditSource:
         self.queue = state.queue if state.queue is not None else collections.deque()
         self.events = self.bad_args = 0
         self._last_popen: tuple[int, tuple[str, ...]] | None = None
+        self._coalesce = coalesced_calls(ctx.config.aggregate.keys)
+        self.coalesced = 0  # calls folded into another of their drain
         self._next_poll = ctx.mono() + POLL_EVERY
 
     # -- WorkerSource ---------------------------------------------------------------------
@@ -289,6 +361,7 @@ class AuditSource:
 
     def metrics(self) -> Mapping[str, int | float]:
         return {"audit.events": self.events, "audit.queued": len(self.queue),
+                "audit.coalesced": self.coalesced,
                 "audit.modules_imported": len(self.st.imported)}  # fmt: skip
 
     def losses(self) -> Mapping[str, int]:
@@ -300,23 +373,54 @@ class AuditSource:
 
     # -- parsing --------------------------------------------------------------------------
     def _drain(self, limit: int | None = POLL_BATCH) -> Iterator[Event]:
+        """At most ``limit`` queued calls as events, in the order of their first call;
+        the repeats of a call (:func:`coalesced_calls`) folded into one :class:`Coalesced`
+        with their count."""
         q = self.queue
-        n = 0
         p = self.ctx.table.get(self.pid)
         eid = p.exec_id if p is not None else None
+        coalesce = self._coalesce
+        calls: list[Call] = []  # in order; a repeated call: its last one
+        counts: list[int] = []
+        firsts: list[int] = []
+        at: dict[tuple[Any, ...], int] = {}  # repeat key -> index in calls
+        n = 0
         while limit is None or n < limit:
             try:
                 call = q.popleft()
             except IndexError:
-                return
+                break
             n += 1
+            with_tid = coalesce.get(call[0])
+            key = None
+            if with_tid is not None:
+                try:
+                    key = _repeat_key(call, with_tid)
+                except Exception:  # odd arguments: reported (or counted) alone
+                    key = None
+            if key is not None:
+                i = at.get(key)
+                if i is not None:
+                    calls[i] = call
+                    counts[i] += 1
+                    continue
+                at[key] = len(calls)
+            calls.append(call)
+            counts.append(1)
+            firsts.append(call[2])
+        for call, c, first in zip(calls, counts, firsts, strict=True):
             try:
                 ev = self._event(call, eid)
             except Exception:  # hostile or odd arguments (anyone may call sys.audit)
-                self.bad_args += 1
+                self.bad_args += c
                 continue
-            if ev is not None:
-                self.events += 1
+            if ev is None:
+                continue
+            self.events += c
+            if c > 1:
+                self.coalesced += c - 1
+                yield _COALESCED[ev.kind](ev, c, first)
+            else:
                 yield ev
 
     def _event(self, call: Call, eid: str | None) -> Event | None:

@@ -44,17 +44,18 @@ class SpoolStats:
     quarantined_bytes: int
 
 
-_LOW_KINDS = frozenset({"net.flow", "net.dns"})
+_LOW_KINDS = frozenset({"net.flow", "net.dns", "file.write", "file.remove", "file.rename"})
 
 
 def priority_of(event: Mapping[str, Any]) -> int:
-    """2 for alerts and agent.* events, 0 for network and file noise, 1 for the rest."""
+    """2 for alerts and agent.* events, 0 for flows, DNS and in-app file activity (the
+    high-volume noise), 1 for the rest (process, package and file integrity events)."""
     if event.get("alert") is True:
         return 2
     kind = event.get("kind")
     if isinstance(kind, str):
         if kind.startswith("agent."):
             return 2
-        if kind in _LOW_KINDS or kind.startswith("file."):
+        if kind in _LOW_KINDS:
             return 0
     return 1

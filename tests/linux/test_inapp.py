@@ -110,7 +110,9 @@ def test_full_queue_drops_with_a_counter(tmp_path: Path) -> None:
     r = run_app(tmp_path, "queue", str(n))
     assert r["flushed"] and r["stopped"]
     out = tmp_path / "out"
-    seen = len([p for p in paths(out, "file.remove") if p.startswith("/nonexistent/q")])
+    # reported = the sum of the records' counts (repeats of one drain come as one record)
+    seen = sum(e.get("count", 1) for e in events(out, "file.remove")
+               if e["path"].startswith("/nonexistent/q"))  # fmt: skip
     dropped = loss(out).get("audit.queue_full", 0)
     assert dropped > 0
     assert seen + dropped == n  # every call is either reported or counted
@@ -360,3 +362,102 @@ def test_exec_from_the_host_is_reported(tmp_path: Path) -> None:
     spawns = [e for e in events(tmp_path / "out", "process.spawn") if e["call"] == "os.exec"]
     assert [e["argv"] for e in spawns] == [["/bin/true", marker]], spawns
     assert spawns[0]["exe"] == "/bin/true"
+
+
+# --- coalescing: identical calls of one drain are one event with their count ---
+
+
+def _audit_source(keys: dict[str, list[str]] | None = None) -> Any:
+    import collections
+
+    from lw_embed.pipeline.enrich import ProcessTable
+    from lw_embed.sources import audit
+    from lw_embed.sources.base import SourceContext
+
+    cfg, _ = build_config({} if keys is None else {"aggregate.keys": keys}, {})
+    st = audit.HookState()
+    st.queue = collections.deque()
+    ctx = SourceContext(cfg, "in-app", "tree", ProcessTable("b", 1, 0, 8), "/proc", "/tmp",
+                        os.getpid(), time.time_ns, time.monotonic)  # fmt: skip
+    return audit.AuditSource(ctx, st), st.queue
+
+
+def test_identical_calls_of_one_drain_are_one_weighted_event() -> None:
+    src, q = _audit_source()
+    t = 1_700_000_000_000_000_000
+    sock = socket.socket()
+    try:
+        calls: list[tuple[str, tuple[Any, ...], int, int]] = [
+            ("open", ("/var/log/a.log", "a", 1089), t + i, 100 + i) for i in range(5)
+        ]
+        calls.insert(2, ("open", ("/var/log/b.log", "a", 1089), t + 2, 7))
+        calls.insert(3, ("open", ("/var/log/a.log", "w", 577), t + 3, 7))  # other flags
+        calls += [("os.remove", ("/tmp/x", None), t + 10 + i, 7) for i in range(3)]
+        calls += [("socket.bind", (sock, ("127.0.0.1", 0), 5), t + 20 + i, 7) for i in range(2)]
+        calls += [("subprocess.Popen", ("/bin/true", ["/bin/true"], None, None), t + 30, 7)] * 2
+        q.extend(calls)
+        wires = [e.to_wire() for e in src.close()]
+    finally:
+        sock.close()
+    assert sum(w.get("count", 1) for w in wires) == len(calls)  # nothing lost
+    assert src.metrics()["audit.events"] == len(calls)
+    assert src.metrics()["audit.coalesced"] == 4 + 2 + 1
+    a = wires[0]  # in the order of first calls; fields of the last call
+    assert (a["kind"], a["path"], a["flags"], a["count"]) == ("file.write", "/var/log/a.log",
+                                                                1089, 5)  # fmt: skip
+    assert (a["first_seen"], a["last_seen"], a["time"], a["tid"]) == (t, t + 4, t + 4, 104)
+    assert a["aggregated"] is True and list(a) == sorted(a)
+    single = wires[1]  # a call made once: the plain event, as before
+    assert single["path"] == "/var/log/b.log" and "count" not in single
+    assert "aggregated" not in single and list(single) == sorted(single)
+    assert (wires[2]["flags"], "count" in wires[2]) == (577, False)
+    assert [(w["kind"], w.get("count")) for w in wires[3:]] == [
+        ("file.remove", 3), ("net.bind", 2), ("process.spawn", None), ("process.spawn", None),
+    ]  # fmt: skip
+
+
+def test_coalescing_follows_the_aggregation_keys() -> None:
+    t = 1_700_000_000_000_000_000
+    calls = [("os.remove", ("/tmp/x", None), t + i, 100 + i % 2) for i in range(4)]
+    # not aggregated: every call is an event of its own
+    src, q = _audit_source({"process.exec": ["exe"]})
+    q.extend(calls)
+    assert [w.get("count") for w in (e.to_wire() for e in src.close())] == [None] * 4
+    # tid in the key: a repeat is a call of the same thread
+    src, q = _audit_source({"file.remove": ["path", "tid"]})
+    q.extend(calls)
+    assert sorted((w["tid"], w["count"]) for w in (e.to_wire() for e in src.close())) == [
+        (100, 2), (101, 2),
+    ]  # fmt: skip
+
+
+def test_odd_repeated_calls_are_counted_by_weight() -> None:
+    src, q = _audit_source()
+    t = 1_700_000_000_000_000_000
+    not_a_socket = ("socket.connect", (socket.socket, ["x"], -1), t, 1)
+    bad_path = ("os.rename", ("/a", 5), t, 1)  # target not a path: reported alone, bad
+    q.extend([not_a_socket, not_a_socket, bad_path, bad_path, bad_path])
+    assert list(src.close()) == []
+    assert src.losses()["audit.bad_args"] == 5
+
+
+def test_a_request_loop_reports_every_call_in_few_records(tmp_path: Path) -> None:
+    n = 3000
+    log = tmp_path / "access.log"
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import lw_embed, sys\n"
+        f"lw_embed.start(output={str(tmp_path / 'out')!r}, data_dir={str(tmp_path / 'data')!r},"
+        " inapp_queue_max=100000)\n"
+        f"for i in range({n}):\n"
+        f"    with open({str(log)!r}, 'a') as f: f.write('x')\n"
+        "assert lw_embed.flush(30) and lw_embed.stop(10)\n"
+    )  # fmt: skip
+    proc = subprocess.run([sys.executable, str(app)], env=clean_env({"PYTHONPATH": str(ROOT)}),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    recs = [e for e in events(tmp_path / "out", "file.write") if e["path"] == str(log)]
+    assert sum(e.get("count", 1) for e in recs) + loss(tmp_path / "out").get(
+        "audit.queue_full", 0) == n  # fmt: skip
+    assert len(recs) < n // 10, len(recs)  # folded (at the source, then by the aggregator)
+    assert all(e["aggregated"] is True for e in recs if "count" in e)

@@ -285,18 +285,102 @@ def test_odd_values_are_grouped_without_raising() -> None:
     assert a.add({"kind": "x", "time": T + 3}, None) == []
 
 
+# --- weighted events: a source's own summary counts as its count ---
+
+
+def weighed(n: int, first: int, last: int, **extra: Any) -> dict[str, Any]:
+    ev = conn(time=last, **extra)
+    ev.update(aggregated=True, count=n, first_seen=first, last_seen=last)
+    return dict(sorted(ev.items()))
+
+
+def test_a_weighted_event_starting_a_group_goes_out_as_is() -> None:
+    a, _ = agg()
+    ev = weighed(5, T, T + 9)
+    before = dict(ev)
+    (out,) = a.add(ev, exe_ctx())
+    assert out is ev and ev == before
+    assert a.pending == 0 and a.folded == 0
+    assert a.flush(force=True) == []  # no repeats after it: nothing more to say
+    assert total([out]) == 5
+
+
+def test_a_weighted_event_folds_with_its_weight_and_widens_the_times() -> None:
+    a, clock = agg(window=10.0)
+    assert len(a.add(conn(time=T + 50), exe_ctx())) == 1  # the first occurrence, weight 1
+    clock.now += 1
+    assert a.add(conn(time=T + 60, fd=9), exe_ctx()) == []  # a plain repeat
+    assert a.add(weighed(4, T + 20, T + 70), exe_ctx()) == []  # earlier first, later last
+    assert a.add(weighed(3, T + 30, T + 40, fd=11), exe_ctx()) == []  # inside: no change
+    assert a.pending == 1 + 4 + 3 and a.folded == 8
+    (summary,) = a.flush(force=True)
+    assert summary["count"] == 8 and summary["aggregated"] is True
+    assert (summary["first_seen"], summary["last_seen"]) == (T + 20, T + 70)
+    assert summary["fd"] == 11  # the last repeat's fields
+    assert list(summary) == sorted(summary)
+
+
+def test_a_weighted_event_of_a_kind_not_aggregated_passes_untouched() -> None:
+    a, _ = agg()
+    ev = {"aggregated": True, "count": 7, "kind": "agent.status", "time": T}
+    assert a.add(ev, None) == [ev]
+
+
+@pytest.mark.parametrize("bad", [0, -3, "5", 2.0, True, None])
+def test_a_bad_weight_counts_as_one_and_is_stripped(bad: Any) -> None:
+    a, _ = agg()
+    ev = weighed(2, T, T + 1)
+    ev["count"] = bad
+    (out,) = a.add(ev, exe_ctx())
+    assert not {"aggregated", "count", "first_seen", "last_seen"} & out.keys()
+    assert out == conn(time=T + 1)
+    assert a.add(dict(ev), exe_ctx()) == []  # folds as 1
+    (summary,) = a.flush(force=True)
+    assert summary["count"] == 1 and total([out, summary]) == 2
+
+
+def test_next_deadline_follows_the_oldest_group() -> None:
+    a, clock = agg(window=10.0, max_groups=2)
+    assert a.next_deadline() is None
+    a.add(conn("a"), exe_ctx())
+    clock.now += 3
+    a.add(conn("b"), exe_ctx())
+    assert a.next_deadline() == 110.0
+    clock.now += 1
+    a.add(conn("c"), exe_ctx())  # evicts "a"
+    assert a.next_deadline() == 113.0
+    clock.now = 113.0
+    a.flush()
+    assert a.next_deadline() == 114.0
+    a.reconfigure(20.0, 2, KEYS)  # a longer window moves it
+    assert a.next_deadline() == 124.0
+    a.flush(force=True)
+    assert a.next_deadline() is None and len(a) == 0
+
+
 # --- the invariant: nothing is summarised away without its count ---
 
+
+def _weigh(ev: dict[str, Any], weight: int, span: int) -> dict[str, Any]:
+    """``ev`` as a source's summary of ``weight`` events (weight 1: as is)."""
+    if weight > 1:
+        ev = {**ev, "aggregated": True, "count": weight, "first_seen": ev["time"] - span,
+              "last_seen": ev["time"]}  # fmt: skip
+    return ev
+
+
 _event = st.builds(
-    lambda kind, addr, code, t: (
+    lambda kind, addr, code, t, weight, span: _weigh(
         conn(addr, time=t) if kind == "net.connect"
         else exit_(code, t) if kind == "process.exit"
-        else {"kind": kind, "time": t}
+        else {"kind": kind, "time": t}, weight, span
     ),
     st.sampled_from(["net.connect", "process.exit", "agent.status"]),
     st.sampled_from(["a", "b", "c", "d"]),
     st.integers(0, 3),
-    st.integers(0, 2**63),
+    st.integers(2**32, 2**63),
+    st.sampled_from([1, 1, 1, 2, 7]),
+    st.integers(0, 2**31),
 )  # fmt: skip
 _step = st.tuples(_event, st.floats(0, 5), st.sampled_from(["add", "add", "add", "flush"]))
 
@@ -320,7 +404,7 @@ def test_sum_of_counts_equals_events_added(
             out += a.flush()
         else:
             out += a.add(ev, exe_ctx())
-            added += 1
+            added += ev.get("count", 1)  # the event's weight
         assert len(a) <= max_groups
         assert total(out) + a.pending == added
         if reconf and i == len(steps) // 2:
@@ -328,3 +412,6 @@ def test_sum_of_counts_equals_events_added(
     out += a.flush(force=True)
     assert total(out) == added
     assert all(r.get("aggregated") is True for r in out if "count" in r)
+    for r in out:  # a summary's times span its events
+        if "first_seen" in r:
+            assert r["first_seen"] <= r["last_seen"]

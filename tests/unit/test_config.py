@@ -143,9 +143,71 @@ fd_scan_interval = 0.1
 max_events_queued = 100
 dns = false
 dns_max_entries = 50
+
+[packages]
+enabled = false
+root = "/srv/root"
+snapshot_interval = 3600
+check_interval = 30
+usage_interval = 5
+full_refresh = 120
+scan_rate = 100
+search_depth = 3
+npm_depth = 2
+rediscover_every = 4
+
+[inapp]
+queue_max = 500
+files = false
+sigterm = true
+
+[files]
+enabled = true
+default_rules = false
+trace = false
+hash_algorithm = "sha512"
+hash_max_bytes = 4096
+secret_paths = ["/srv/secret/*"]
+baseline = "/srv/lw/files.db"
+scan_files_per_s = 100
+scan_bytes_per_s = 65536
+coalesce_quiet = 1.0
+coalesce_max = 5.0
+rename_timeout = 0.5
+attribution_window = 10.0
+max_watches = 1000
+periodic_interval = 60.0
+max_pending = 500
+
+[[files.rules]]
+path = "/srv/app"
+name = "app"
+recursive = false
+max_depth = 3
+exclude = ["*.log"]
+actions = ["create", "delete", "read"]
+hash = false
 """
 
 FULL_DICT: dict[str, dict[str, Any]] = {
+    "packages": {
+        "enabled": False, "root": "/srv/root", "snapshot_interval": 3600.0,
+        "check_interval": 30.0, "usage_interval": 5.0, "full_refresh": 120.0,
+        "scan_rate": 100, "search_depth": 3, "npm_depth": 2, "rediscover_every": 4,
+    },
+    "inapp": {"queue_max": 500, "files": False, "sigterm": True},
+    "files": {
+        "enabled": True, "default_rules": False, "trace": False, "hash_algorithm": "sha512",
+        "hash_max_bytes": 4096, "secret_paths": ["/srv/secret/*"],
+        "baseline": "/srv/lw/files.db", "scan_files_per_s": 100, "scan_bytes_per_s": 65536,
+        "coalesce_quiet": 1.0, "coalesce_max": 5.0, "rename_timeout": 0.5,
+        "attribution_window": 10.0, "max_watches": 1000, "periodic_interval": 60.0,
+        "max_pending": 500,
+        "rules": [{
+            "path": "/srv/app", "name": "app", "recursive": False, "max_depth": 3,
+            "exclude": ["*.log"], "actions": ["create", "delete", "read"], "hash": False,
+        }],
+    },
     "agent": {"data_dir": "/srv/lw", "instance_id": "i-123", "log_level": "debug"},
     "output": {
         "dir": "/srv/out",
@@ -756,7 +818,7 @@ def test_env_lists_are_comma_lists_or_toml_arrays(raw: str, value: tuple[str, ..
 
 # --- [filter] and [aggregate]: arrays of tables and tables of lists ---
 
-NOT_FROM_ENV = {("filter", "rules"), ("aggregate", "keys")}
+NOT_FROM_ENV = {("filter", "rules"), ("aggregate", "keys"), ("files", "rules")}
 
 RULE = '[[filter.rules]]\nname = "r"\naction = "tag"\nexe = ["/bin/*"]\n'
 

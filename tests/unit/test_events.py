@@ -31,6 +31,7 @@ from lw_embed.events import (
     ProcessSpawn,
     sorted_value,
 )
+from tests.unit import test_files_events as files_golden
 
 EXEC = ProcessExec(
     time=1_700_000_000_123_456_789,
@@ -229,6 +230,10 @@ ALL += [
         arch="amd64", location="/var/lib/dpkg/status",
     ),
 ]  # fmt: skip
+# file integrity events: the instances and bytes pinned in tests/unit/test_files_events.py
+ALL += [files_golden.FULL, files_golden.DEGRADED]
+GOLDEN.update({"file.change": files_golden.GOLDEN["full"],
+               "agent.degraded": files_golden.GOLDEN["degraded"]})  # fmt: skip
 GOLDEN.update({
     "package.inventory": (
         "aa666572726f727381784464706b673a202f7661722f6c69622f64706b672f696e666f2f782e6c69"

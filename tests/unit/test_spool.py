@@ -112,7 +112,8 @@ def test_priority_of() -> None:
     assert priority_of({"kind": "agent.loss"}) == 2
     assert priority_of({"kind": "net.flow"}) == 0
     assert priority_of({"kind": "net.dns"}) == 0
-    assert priority_of({"kind": "file.change"}) == 0
+    assert priority_of({"kind": "file.write"}) == 0  # in-app audit activity: noise
+    assert priority_of({"kind": "file.change"}) == 1  # integrity monitoring: not noise
     assert priority_of({"kind": "process.exec"}) == 1
     assert priority_of({"kind": "net.flowish"}) == 1
     assert priority_of({"kind": "process.exec", "alert": 1}) == 1  # only True is an alert
