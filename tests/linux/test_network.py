@@ -417,6 +417,8 @@ def test_default_config_captures_every_interface(tmp_path: Path) -> None:
         "while _t.monotonic() < _end and not any(l.split()[4] == '0'\n"
         "        for l in open('/proc/net/packet').readlines()[1:]):\n"
         "    _t.sleep(0.02)\n"
+        # the socket is listed from its creation, before the ring and the real filter
+        "_t.sleep(1.0)\n"
         "import socket, threading\n"
         "ls = socket.socket(); ls.bind(('127.0.0.1', 0)); ls.listen(1)\n"
         "def serve():\n"
