@@ -622,6 +622,25 @@ class FilesSource:
         elif op.cls in WHO_FOR["delete"] and path in self.pending:
             self._deleted(path, False, [], detected_by="syscall", t=op.t)
 
+def probe(cfg: Any, mode: str) -> tuple[str, str]:
+    """(technique, reason) for ``lw-embed env --mode``: the rules and inotify's limits."""
+    fc: FilesConfig = cfg.files
+    if not fc.enabled:
+        return "none", "[files] enabled = false (turn on, or --watch PATH)"
+    rules = fc.effective_rules()
+    if not rules:
+        return "none", "no [[files.rules]] and default_rules = false"
+    try:
+        ino.Inotify().close()
+    except OSError as exc:
+        return "scan", f"inotify unavailable ({exc}): periodic scans only"
+    tc = cfg.tracer
+    traced = mode == "wrapper" and fc.trace and tc.seccomp != "off" and tc.mode != "procfs"
+    lim = ino.limits()
+    return "inotify", (f"{len(rules)} rules, max_user_watches {lim.get('max_user_watches', '?')}"
+                       f"; attribution {'syscall' if traced else 'heuristic'}")  # fmt: skip
+
+
 def factory(ctx: Any) -> FilesSource | None:
     """The ``files`` source of the worker (None when ``[files] enabled`` is false)."""
     fc: FilesConfig = ctx.config.files

@@ -148,6 +148,8 @@ def test_env_mode_lists_every_worker_source(mode: str) -> None:
     if mode == "sidecar":  # never a seccomp filter there
         assert rep["techniques"]["processes"] in ("ptrace", "procfs")
         assert rep["techniques"]["network.connect"] == "none"
+    # every source this tree ships answers for itself (no "?")
+    assert "?" not in {rep["techniques"][name] for name in FACTORIES}, rep["techniques"]
 
 
 def test_env_bad_mode_is_a_usage_error() -> None:
