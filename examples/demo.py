@@ -115,6 +115,16 @@ def show(events: list[dict[str, Any]]) -> None:
 
     print("process tree:")
     walk(None, 1, set())
+    flows = [e for e in events if e["kind"] == "net.flow"]
+    if flows:
+        print("network flows:")
+    pids = {e["exec_id"]: e["pid"] for e in execs}
+    for f in flows:
+        who = f"pid {pids.get(f.get('exec_id') or '', f.get('pid', '?'))}"
+        print(f"  - {f.get('proto')} {f.get('orig_addr')}:{f.get('orig_port')} -> "
+              f"{f.get('resp_addr')}:{f.get('resp_port')} {f.get('conn_state', '')} "
+              f"bytes {f.get('orig_bytes', 0)}/{f.get('resp_bytes', 0)} "
+              f"({who}, by {f.get('attribution')})")
 
 
 if __name__ == "__main__":

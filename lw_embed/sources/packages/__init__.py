@@ -231,7 +231,7 @@ class PackagesSource:
         what = f"exe, mmap, open from /proc (scope {self.ctx.scope}); exec from the tracer"
         if self.ctx.mode == "in-app":
             what += "; import from sys.modules"
-        return "procfs", f"root {self.cfg.root}: {what}"
+        return "inventory", f"root {self.cfg.root}: {what}"
 
     def metrics(self) -> Mapping[str, int | float]:
         inv = self.inv
