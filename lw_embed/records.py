@@ -31,6 +31,9 @@ WORKLOAD   main_pid, argv (list[str])  (the workload was started)
 SHUTDOWN   reason (str), budget (float: seconds the worker has to drain and exit)
 FILEOP     pid, tid, syscall (str), path, path2 (rename/link target, else ""), flags
            (a traced file syscall at entry; paths absolute, resolved by the core)
+BIND       pid, tid, fd, family, address, port  (a traced bind at entry, sockaddr as CONNECT)
+LISTEN     pid, tid, fd, backlog  (a traced listen at entry; the address is the worker's
+           join with the BIND of the same (pid, fd))
 =========  ===================================================================================
 
 ``*_ticks`` are ``/proc/<pid>/stat`` start times in clock ticks since boot: with the pid
@@ -68,6 +71,8 @@ class R(IntEnum):
     WORKLOAD = 8
     SHUTDOWN = 9
     FILEOP = 20  # lw_embed.sources.filetrace
+    BIND = 21  # lw_embed.sources.tracer (trace_connect), lw_embed.sources.packets
+    LISTEN = 22
 
 
 #: Number of fields after (type, time) for each record type.
@@ -82,6 +87,8 @@ ARITY: dict[int, int] = {
     R.WORKLOAD: 2,
     R.SHUTDOWN: 2,
     R.FILEOP: 6,
+    R.BIND: 6,
+    R.LISTEN: 4,
 }
 
 

@@ -403,3 +403,73 @@ class ProcNetFlows:
                 t.established = True
         ended = [self.live.pop(k) for k in [k for k in self.live if k not in seen]]
         return new, ended
+
+
+Who = tuple[int, str | None, str | None]  # pid, exec_id, exe
+
+
+class BoundSockets:
+    """Local (proto, address, port) -> the traced process that bound it, from the tracer's
+    ``R.BIND``/``R.LISTEN`` records (wrapper mode): a TCP listener is known at ``listen``
+    (joined to the ``bind`` of the same (pid, fd)), a bound socket never listened on is
+    taken for UDP (the records do not carry the socket type). Bounded (``max_entries``,
+    oldest dropped first); an entry whose owner exited still names flows that started
+    before the exit."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._bound: dict[tuple[int, int], tuple[Addr, int, Who, int]] = {}  # (pid, fd)
+        # key -> (who, since ns, exited ns | None)
+        self.owners: dict[tuple[int, Addr, int], tuple[Who, int, int | None]] = {}
+        self._by_pid: dict[int, list[tuple[int, Addr, int]]] = {}
+        self.evicted = 0
+
+    def _put(self, key: tuple[int, Addr, int], who: Who, t: int) -> None:
+        self.owners.pop(key, None)
+        self.owners[key] = (who, t, None)
+        self._by_pid.setdefault(who[0], []).append(key)
+        while len(self.owners) > self.max_entries:
+            self.owners.pop(next(iter(self.owners)))
+            self.evicted += 1
+
+    def bind(self, pid: int, fd: int, addr: Addr, port: int, who: Who, t: int) -> None:
+        self._bound.pop((pid, fd), None)
+        self._bound[(pid, fd)] = (addr, port, who, t)
+        while len(self._bound) > self.max_entries:
+            self._bound.pop(next(iter(self._bound)))
+        if port:
+            self._put((UDP, addr, port), who, t)
+
+    def listen(self, pid: int, fd: int, t: int) -> tuple[Addr, int, Who] | None:
+        """The bound address of a listening socket, None if its bind was not seen (an
+        implicit bind, or a port 0 bind whose port only the kernel knows)."""
+        b = self._bound.get((pid, fd))
+        if b is None or not b[1]:
+            return None
+        addr, port, who, _t = b
+        if self.owners.get((UDP, addr, port), (None,))[0] == who:
+            self.owners.pop((UDP, addr, port))  # it is TCP after all
+        self._put((TCP, addr, port), who, t)
+        return addr, port, who
+
+    def exited(self, pid: int, t: int) -> None:
+        for key in self._by_pid.pop(pid, []):
+            v = self.owners.get(key)
+            if v is not None and v[0][0] == pid and v[2] is None:
+                self.owners[key] = (v[0], v[1], t)
+        for k in [k for k in self._bound if k[0] == pid] if self._bound else []:
+            del self._bound[k]
+
+    def expire(self, now: int, after: int = 60_000_000_000) -> None:
+        for key in [k for k, v in self.owners.items() if v[2] is not None and now - v[2] > after]:
+            del self.owners[key]
+
+    def owner(self, proto: int, addr: Addr, port: int, start: int) -> Who | None:
+        """The traced process listening on (proto, addr, port) when a flow started then
+        (a wildcard bind matches any address; ``::`` also IPv4, as on a dual-stack
+        socket)."""
+        for key in ((proto, addr, port), (proto, 0, port), (proto, b"\0" * 16, port)):
+            v = self.owners.get(key)
+            if v is not None and start >= v[1] - 50_000_000 and (v[2] is None or start <= v[2]):
+                return v[0]
+        return None

@@ -45,7 +45,14 @@ from lw_embed.pipeline import dns as dnsmod
 from lw_embed.pipeline.flows import PROTO_NAMES, FlowRecord, FlowTable, flags_text
 from lw_embed.records import R
 from lw_embed.sources.base import SourceContext
-from lw_embed.sources.netproc import NetProc, ProcNetFlows, Tracked, listener_check, listeners
+from lw_embed.sources.netproc import (
+    BoundSockets,
+    NetProc,
+    ProcNetFlows,
+    Tracked,
+    listener_check,
+    listeners,
+)
 
 log = logging.getLogger("lw_embed.sources.packets")
 Addr = int | bytes
@@ -96,6 +103,7 @@ class NetworkSource:
         self._listeners: set[tuple[int, Addr, int]] = set()
         self.table.is_listener = listener_check(self._listeners)
         self.pending: dict[tuple[Addr, int], deque[tuple[int, int, str | None, str | None]]] = {}
+        self.bound = BoundSockets()  # traced bind/listen (R.BIND, R.LISTEN)
         self.counts: dict[str, int] = {}
         self.flows_out = self.unknown_out = 0
         self._next_sweep = ctx.mono() + cfg.sweep_interval
@@ -188,7 +196,28 @@ class NetworkSource:
                     self._count("network.connect_unmatched")
                 if len(self.pending) > CONNECT_PENDING_MAX:
                     self.pending.pop(next(iter(self.pending)))
+        elif rec[0] in (R.BIND, R.LISTEN, R.EXIT):
+            self._observe_bind(rec)
         return ()
+
+    def _observe_bind(self, rec: Sequence[Any]) -> None:
+        if rec[0] == R.EXIT:
+            self.bound.exited(rec[2], rec[1])
+        elif rec[0] == R.BIND:
+            _r, t, pid, _tid, fd, family, address, port = rec
+            key = _addr_of(family, address) if family in ("inet", "inet6") else None
+            if key is not None and isinstance(port, int):
+                p = self.ctx.table.get(pid)
+                self.bound.bind(pid, fd, key, port,
+                                (pid, p.exec_id if p else None, p.exe if p else None), t)
+        else:
+            got = self.bound.listen(rec[2], rec[4], rec[1])
+            if got is None:
+                self._count("network.listen_unbound")
+            elif (6, got[0], got[1]) not in self._listen_seen:
+                self._listen_seen.add((6, got[0], got[1]))
+                self._queue(NetListen(self.ctx.wall(), "tcp", addr_text(got[0]), got[1],
+                                      got[2][1], got[2][0], got[2][2], "syscall", "syscall"))
 
     def metrics(self) -> Mapping[str, int | float]:
         t = self.table
@@ -341,7 +370,7 @@ class NetworkSource:
                 names = self._names(k)
                 if names:
                     self.dns.pin(k[3])
-                attr = self._by_connect(k, f[0])
+                attr = self._by_connect(k, f[0]) or self._by_bind(k, f[0])
                 if attr is not None:
                     f[12] = [*attr, names]
                     continue
@@ -366,6 +395,11 @@ class NetworkSource:
                 return ("syscall", pid, eid, exe)
             self._count("network.connect_unmatched")
         return None
+
+    def _by_bind(self, k: Key, start: int) -> tuple[str, int, str | None, str | None] | None:
+        """A flow to a local port that a traced process bound and listens on."""
+        who = self.bound.owner(k[0], k[3], k[4], start)
+        return ("syscall", *who) if who is not None else None
 
     def _inode_of(self, k: Key, by_tuple: dict[Key, int] | None) -> int | None:
         """The inode of the flow's local socket (the originator's end first): 0 when the
@@ -475,6 +509,7 @@ class NetworkSource:
         now = self.ctx.wall()
         for addr in [a for a, q in self.pending.items() if q and now - q[-1][0] > 60e9]:
             del self.pending[addr]
+        self.bound.expire(now)
 
     def _queue(self, ev: Event) -> None:
         if len(self._out) >= self.cfg.max_events_queued:
@@ -488,7 +523,7 @@ class NetworkSource:
     def _emit_flow(self, r: FlowRecord) -> None:
         attr = r.attr if isinstance(r.attr, list) else None
         if attr is None or attr[0] == "unknown":
-            again = self._by_connect(r.key, r.start)  # the record may have come late
+            again = self._by_connect(r.key, r.start) or self._by_bind(r.key, r.start)
             if again is not None:
                 attr = [*again, attr[4] if attr else ()]
         method, pid, eid, exe, names = attr or ("unknown", None, None, None, ())

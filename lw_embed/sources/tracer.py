@@ -10,9 +10,9 @@ Capability: ``CAP_SYS_PTRACE`` or being the workload's parent.
 
 Cost: only these stops happen: one per fork/vfork/clone (parent) plus the child's
 initial stop, one per execve, one per signal delivered to a tracee, one per
-group-stop, and one seccomp stop per traced syscall (``connect`` by default). Untraced
-syscalls run at native speed. Each stop is a handful of syscalls and no allocation
-beyond the record; nothing here blocks (records go to the non-blocking outbox).
+group-stop, and one seccomp stop per traced syscall (``connect``, ``bind``, ``listen`` by
+default). Untraced syscalls run at native speed. Each stop is a handful of syscalls and no
+allocation beyond the record; nothing here blocks (records go to the non-blocking outbox).
 
 Failure modes: a handler that raises is counted (``core.handler_error``) and the tracee
 is resumed anyway (``finally``); a tracee that vanished mid-stop (``ESRCH``) is left to
@@ -55,6 +55,8 @@ _FORK_EVENTS = frozenset({pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE
 
 #: RET_DATA tags of the seccomp rules, read back at the seccomp stop.
 TAG_CONNECT = 1
+TAG_BIND = 2
+TAG_LISTEN = 3
 _I386_SOCKETCALL = frozenset(seccomp.syscall_numbers(seccomp.AUDIT_ARCH_I386, "socketcall"))
 
 
@@ -74,9 +76,16 @@ def seccomp_rules(opts: TracerOptions) -> list[seccomp.Rule]:
     rules = []
     if opts.trace_connect:
         rules.append(seccomp.Rule("connect", TAG_CONNECT))
+        rules += socket_rules()
     if opts.file_roots:
         rules += filetrace.file_rules()
     return rules
+
+
+def socket_rules() -> list[seccomp.Rule]:
+    """bind and listen (rare calls: one stop each), so an inbound flow is attributed to
+    the process that made the listener (docs/network.md "Attribution")."""
+    return [seccomp.Rule("bind", TAG_BIND), seccomp.Rule("listen", TAG_LISTEN)]
 
 
 def ptrace_options(with_seccomp: bool, exitkill: bool = True) -> int:
@@ -332,6 +341,8 @@ class Tracer:
                               tag & seccomp.SECCOMP_RET_DATA, self._opts.file_roots, time.time_ns())
             return
         if tag & seccomp.SECCOMP_RET_DATA != TAG_CONNECT:
+            if tag & seccomp.SECCOMP_RET_DATA in (TAG_BIND, TAG_LISTEN):
+                self._on_bind_listen(tid, arch, nr, args, tag & seccomp.SECCOMP_RET_DATA)
             return
         fd, addr, alen = args[0], args[1], args[2]
         if arch == seccomp.AUDIT_ARCH_I386 and nr in _I386_SOCKETCALL:
@@ -343,6 +354,24 @@ class Tracer:
         family, address, port = parse_sockaddr(raw)
         tgid = self.tasks.get(tid, tid)
         self._emit(frame(R.CONNECT, time.time_ns(), tgid, tid, fd, family, address, port))
+
+    def _on_bind_listen(self, tid: int, arch: int, nr: int, args: tuple[int, ...],
+                        tag: int) -> None:
+        """bind (pid, fd, sockaddr) or listen (pid, fd, backlog), at syscall entry."""
+        fd, a1, a2 = args[0], args[1], args[2]
+        if arch == seccomp.AUDIT_ARCH_I386 and nr in _I386_SOCKETCALL:
+            raw = pt.read_memory(tid, args[1], 12)  # unsigned long args[3] (listen: 2)
+            if len(raw) < 8:
+                return
+            fd, a1, a2 = struct.unpack("<III", raw.ljust(12, b"\0"))
+        tgid = self.tasks.get(tid, tid)
+        if tag == TAG_LISTEN:
+            backlog = struct.unpack("<i", struct.pack("<I", a1 & 0xFFFFFFFF))[0]
+            self._emit(frame(R.LISTEN, time.time_ns(), tgid, tid, fd, backlog))
+            return
+        raw = pt.read_memory(tid, a1, min(a2, 112)) if a1 and a2 else b""
+        family, address, port = parse_sockaddr(raw)
+        self._emit(frame(R.BIND, time.time_ns(), tgid, tid, fd, family, address, port))
 
     def metrics(self) -> dict[str, int]:
         m = {"stops": self.stops, "tracees": len(self.tasks), "processes": self.process_count}

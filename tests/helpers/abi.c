@@ -1,6 +1,8 @@
 /* Issues the same syscalls through the x86-64, i386 (int 0x80) and x32 ABIs and prints
  * each result, so a test can check that the seccomp filter changes no result and traces
- * connect() whichever ABI it came through. Usage: abi PORT (a listener on 127.0.0.1). */
+ * connect() whichever ABI it came through. Usage: abi PORT (a listener on 127.0.0.1)
+ * [BASE]: with BASE, also bind+listen on 127.0.0.1:BASE (x86-64), BASE+1 (i386
+ * socketcall) and BASE+2 (i386 bind 361 / listen 363). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -55,5 +57,30 @@ int main(int argc, char **argv) {
     int s5 = socket(AF_INET, SOCK_STREAM, 0);
     long r5 = syscall(42 | 0x40000000, s5, sa, sizeof *sa); /* x32 connect */
     printf("x32 connect fd=%d rc=%ld\n", s5, r5 == 0 ? 0L : (long)-errno);
+    if (argc < 3) return 0;
+
+    int base = atoi(argv[2]);
+    printf("pid %d\n", getpid());
+    sa->sin_port = htons(base);
+    int b1 = socket(AF_INET, SOCK_STREAM, 0);
+    int rb1 = bind(b1, (struct sockaddr *)sa, sizeof *sa);
+    int rl1 = listen(b1, 7);
+    printf("x86_64 bind fd=%d rc=%d listen rc=%d\n", b1, rb1, rl1);
+
+    sa->sin_port = htons(base + 1);
+    int b2 = socket(AF_INET, SOCK_STREAM, 0);
+    args[0] = (unsigned int)b2;
+    args[1] = (unsigned int)(unsigned long)sa;
+    args[2] = sizeof *sa;
+    long rb2 = i386_syscall(102, 2, (long)(unsigned long)args, 0); /* socketcall(BIND) */
+    args[1] = 7;
+    long rl2 = i386_syscall(102, 4, (long)(unsigned long)args, 0); /* socketcall(LISTEN) */
+    printf("i386 socketcall-bind fd=%d rc=%ld listen rc=%ld\n", b2, rb2, rl2);
+
+    sa->sin_port = htons(base + 2);
+    int b3 = socket(AF_INET, SOCK_STREAM, 0);
+    long rb3 = i386_syscall(361, b3, (long)(unsigned long)sa, sizeof *sa); /* bind */
+    long rl3 = i386_syscall(363, b3, 7, 0); /* listen */
+    printf("i386 bind fd=%d rc=%ld listen rc=%ld\n", b3, rb3, rl3);
     return 0;
 }

@@ -177,6 +177,66 @@ def test_500_short_connections_attributed_by_syscall(tmp_path: Path) -> None:
         th.join(5)
 
 
+SERVER = wait_capture("lo") + """
+import os, socket, sys
+port, ready, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+pid = os.fork()
+if pid == 0:
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", port))
+    ls.listen(128)
+    ls.settimeout(60)
+    open(ready, "w").write(str(os.getpid()))
+    for _ in range(n):
+        c, _ = ls.accept()
+        c.recv(16)
+        c.close()
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_inbound_short_connections_attributed_to_the_traced_listener(tmp_path: Path) -> None:
+    """The workload is the server; the client (this test) is outside the traced tree, so
+    no connect is traced and only the traced bind/listen can name the flow's owner."""
+    n = 50
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    ready = tmp_path / "ready"
+    cfg = tmp_path / "lw.toml"
+    cfg.write_text('[network]\ninterfaces = ["lo"]\n[aggregate.keys]\n')
+    agent = subprocess.Popen(
+        [PY, "-m", "lw_embed", "run", "--output", str(tmp_path / "out"), "--data-dir",
+         str(tmp_path / "data"), "--config", str(cfg), "--", PY, "-c", SERVER, str(port),
+         str(ready), str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 60
+        while not ready.exists() or not ready.read_text():
+            assert time.monotonic() < end and agent.poll() is None, "server not ready"
+            time.sleep(0.02)
+        server = int(ready.read_text())
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(b"hi")
+                c.recv(16)  # until the server closes
+        _out, err = agent.communicate(timeout=60)
+        assert agent.returncode == 0, err
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+    flows = [f for f in events(tmp_path, "net.flow") if f["resp_port"] == port]
+    assert len(flows) >= n
+    ok = [f for f in flows if f.get("pid") == server and f["attribution"] == "syscall"
+          and "python" in f.get("exe", "")]
+    assert len(ok) >= 0.95 * n, (len(ok), flows[:3])
+    listens = [e for e in events(tmp_path, "net.listen") if e["port"] == port]
+    assert [e.get("pid") for e in listens] == [server], listens
+
+
 def _source(cfg: dict[str, Any], mode: str = "sidecar") -> NetworkSource:
     config = config_from_dict({"network": cfg})
     ctx = SourceContext(config, mode, "namespace", ProcessTable("b", 1, 0, 4), "/proc",

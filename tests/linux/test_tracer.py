@@ -158,6 +158,43 @@ def test_connect_is_traced_in_every_abi_and_no_result_changes(tmp_path: Path) ->
     assert fds_ok <= seen
 
 
+def _free_ports(n: int) -> int:
+    """A base port such that base .. base+n-1 are free on 127.0.0.1 now."""
+    for base in range(41000 + os.getpid() % 1000 * 20, 65000, 7):
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    pytest.fail("no free ports")
+
+
+def test_bind_and_listen_are_traced_in_every_abi(tmp_path: Path) -> None:
+    abi = compile_helper(tmp_path, "abi")
+    with listener() as lst:
+        port = str(lst.getsockname()[1])
+        base = _free_ports(3)
+        traced = run(tmp_path, abi, port, str(base))
+    assert traced.returncode == 0, traced.stderr
+    out = traced.stdout.splitlines()
+    pid = int(next(ln for ln in out if ln.startswith("pid ")).split()[1])
+    bound = [ln for ln in out if "bind fd=" in ln]
+    assert len(bound) == 3 and all(ln.endswith("rc=0 listen rc=0") for ln in bound), bound
+    # net.listen from R.LISTEN needs the R.BIND of the same (pid, fd): the right port
+    # per ABI means both records carried the right fd and the bind its sockaddr
+    got = {(e["port"], e["address"], e.get("pid"), e["attribution"], e["source"])
+           for e in events(tmp_path, "net.listen") if base <= e["port"] < base + 3}
+    want = {(base + i, "127.0.0.1", pid, "syscall", "syscall") for i in range(3)}
+    assert got == want
+
+
 def test_filter_allows_unknown_arch_and_unlisted_syscalls() -> None:
     prog = seccomp.build_trace_filter([seccomp.Rule("connect", 1)])
     # last dispatch fallthrough is RET_ALLOW for an unknown arch
