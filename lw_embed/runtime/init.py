@@ -44,6 +44,7 @@ from lw_embed.runtime.supervisor import (
     WORKER_HELD,
     Supervisor,
     drain_budget,
+    wait_reports,
 )
 from lw_embed.sources.filetrace import trace_roots
 from lw_embed.sources.tracer import Tracer, TracerOptions, ptrace_options, seccomp_rules
@@ -55,7 +56,6 @@ __all__ = ["CATCHABLE", "RECORD_FD", "WORKER_HELD", "Core", "RunOptions", "exit_
 FORWARDED = CATCHABLE - {signal.SIGCHLD}
 TERMINAL_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 TREE_CHECK_EVERY = 0.05
-OUTBOX_FLUSH_AT = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,19 +255,7 @@ class Core:
 
     def _reap(self) -> None:
         tracer = self.tracer
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG | pt.WALL)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if os.WIFSTOPPED(status):
-                if tracer is not None:
-                    tracer.on_stop(pid, status)
-                    if self.outbox.pending > OUTBOX_FLUSH_AT:
-                        self.outbox.flush()  # a long burst of stops: do not wait for its end
-                continue
+        for pid, status in wait_reports(tracer, self.outbox):
             if tracer is not None and tracer.on_exit(pid, status):
                 self.recent_traced_exits[pid] = time.monotonic()
             elif pid == self.sup.worker_pid:

@@ -62,7 +62,7 @@ from lw_embed.kernel import procfs
 from lw_embed.kernel import ptrace as pt
 from lw_embed.platform import detect, probe
 from lw_embed.records import R, frame
-from lw_embed.runtime.supervisor import CATCHABLE, Supervisor, drain_budget
+from lw_embed.runtime.supervisor import CATCHABLE, Supervisor, drain_budget, wait_reports
 from lw_embed.sources.procfs import in_scope, scan
 from lw_embed.sources.tracer import Tracer, TracerOptions, ptrace_options
 
@@ -73,7 +73,6 @@ PROC_PID_INIT_INO = 0xEFFFFFFC
 RESCAN_EVERY = 1.0
 #: at most this long (and half the grace) is spent detaching after SIGTERM
 DETACH_BUDGET = 3.0
-OUTBOX_FLUSH_AT = 1 << 16
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
@@ -264,19 +263,7 @@ class Sidecar:
 
     def _reap(self) -> None:
         tracer = self.tracer
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG | pt.WALL)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if os.WIFSTOPPED(status):
-                if tracer is not None:
-                    tracer.on_stop(pid, status)
-                    if self.outbox.pending > OUTBOX_FLUSH_AT:
-                        self.outbox.flush()
-                continue
+        for pid, status in wait_reports(tracer, self.outbox):
             if tracer is not None and tracer.on_exit(pid, status):
                 continue
             if pid == self.sup.worker_pid:

@@ -35,7 +35,7 @@ import signal
 import sys
 import termios
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from lw_embed import __version__
@@ -77,6 +77,30 @@ def drain_budget(flush: float, grace: float, term_at: float | None, now: float) 
     if term_at is not None:
         budget = max(budget, term_at + grace - SHUTDOWN_MARGIN - now)
     return budget
+
+
+#: outbox bytes after which a long burst of tracee stops is handed over without waiting
+OUTBOX_FLUSH_AT = 1 << 16
+
+
+def wait_reports(tracer: Any, outbox: Outbox) -> Iterator[tuple[int, int]]:
+    """Every pending ``waitpid(-1, WNOHANG | __WALL)`` report, tracee stops handled by
+    ``tracer`` (a :class:`~lw_embed.sources.tracer.Tracer` or None) and not yielded; the
+    rest — exits of tracees and of other children — yielded as ``(pid, status)``."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG | pt.WALL)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if os.WIFSTOPPED(status):
+            if tracer is not None:
+                tracer.on_stop(pid, status)
+                if outbox.pending > OUTBOX_FLUSH_AT:
+                    outbox.flush()  # a long burst of stops: do not wait for its end
+            continue
+        yield pid, status
 
 
 def describe_status(status: int) -> str:
