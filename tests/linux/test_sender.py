@@ -363,7 +363,9 @@ def test_retry_after_http_date_honoured() -> None:
 
     res, waits = run(go())
     assert res.outcome == "delivered"
-    assert len(waits) == 1 and 4.0 <= waits[0] <= 5.5
+    # an HTTP date has whole seconds (up to 1 s is cut) and the server answers a little
+    # after the date was made: the wait is what is left of ~5 s, never the jitter's 0-0.5 s
+    assert len(waits) == 1 and 3.0 <= waits[0] <= 5.5
     assert res.retry_after_honoured == waits[0]
 
 
