@@ -147,6 +147,7 @@ class Supervisor:
 
     # -- the worker -------------------------------------------------------------------------
     def start_worker(self) -> None:
+        self._last_loss = {}  # a new worker knows none of the core's totals: send them again
         payload = {
             "config": config_to_dict(self.cfg),
             "config_path": self.config_path,

@@ -550,3 +550,28 @@ def test_sighup_while_the_worker_starts(agent: Agent, ingest: Ingest) -> None:
     assert rc == 0, log
     assert ingest.events(kind="agent.config_rejected", agent=agent.instance_id()), log
     assert "worker exited" not in log, log
+
+
+def test_core_loss_totals_survive_a_worker_restart(agent: Agent, ingest: Ingest) -> None:
+    """The core's own drop counters (here core.handler_error, from an injected fault in
+    the exec handler) reach the worker that replaces a killed one: agent.loss totals never
+    go backwards across a worker restart."""
+    cfg = agent.config("[aggregate.keys]\n\n[worker]\nrestart_backoff_min = 0.1\n")
+    os.mkfifo(agent.tmp / "go")
+    script = "/bin/true; read x < go"  # one failing exec, then none: the totals stay put
+    proc = agent.start(["sh", "-c", script], backend=ingest.url, config=cfg,
+                       env={"_LW_EMBED_FAULTS": "exec"})  # fmt: skip
+    wait_for(lambda: worker_up(proc.pid), 30, "the worker to be up")
+    first = find_worker(proc.pid)
+    if first is None or not is_worker_of(first, proc.pid):  # (setup: not the bug)
+        pytest.fail("no worker")
+    time.sleep(1.5)  # the first worker has the core's totals (sent at most once a second)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: find_worker(proc.pid, exclude={first}) is not None, 30, "a new worker")
+    time.sleep(1.5)  # the new worker is up and the core had its chance to send the totals
+    with open(agent.tmp / "go", "w") as fifo:
+        fifo.write("x\n")
+    assert agent.wait(proc, timeout=60) == 0, agent.log(proc)
+    losses = sorted((e for e in ingest.events("agent.loss", agent=agent.instance_id())),
+                    key=lambda e: e["seq"])  # fmt: skip
+    assert losses and losses[-1]["totals"].get("core.handler_error", 0) >= 1, losses
