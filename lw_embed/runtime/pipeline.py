@@ -38,24 +38,20 @@ import logging
 import math
 import os
 import select
-import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lw_embed import records
 from lw_embed.codec import AgentIdentity
 from lw_embed.config import (
-    Config,
     resolved_data_dir,
     resolved_output_dir,
     resolved_spool_dir,
 )
-from lw_embed.errors import LwEmbedError, RecordError
+from lw_embed.errors import RecordError
 from lw_embed.events import AgentCapabilities, AgentConfigRejected, AgentLoss, AgentStatus, Event
-from lw_embed.fsutil import write_atomic
 from lw_embed.kernel import procfs
 from lw_embed.pipeline.aggregate import Aggregator
 from lw_embed.pipeline.enrich import PROCESS_RECORDS, ProcessTable
@@ -64,18 +60,14 @@ from lw_embed.pipeline.reload import RulesWatcher
 from lw_embed.platform import identity as platform_identity
 from lw_embed.records import R
 from lw_embed.runtime import adopt
+from lw_embed.runtime.outputs import instance_id_of, make_sink, open_spool
 from lw_embed.runtime.shipper import (
-    BatchSink,
-    FileBatchSink,
-    HttpBatchSink,
     Shipper,
     ShipperLimits,
 )
-from lw_embed.sinks.files import FileSink
 from lw_embed.sources import base as sources_base
 from lw_embed.sources.base import SourceContext, WorkerSource
 from lw_embed.sources.procfs import Reconciler
-from lw_embed.spool import Spool, SpoolError, SpoolLocked
 
 if TYPE_CHECKING:
     from lw_embed.runtime.worker import Spec
@@ -87,94 +79,16 @@ READ_CHUNK = 1 << 16
 READ_BUDGET = 1 << 20
 #: at most one agent.loss event per this many seconds (and one at the end)
 LOSS_EVERY = 1.0
-#: a 5xx other than 502/503/504 is retried this often before the batch is dead-lettered
-SERVER_ERROR_ATTEMPTS = 1 << 30
 
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_.")
-
-
-def safe_id(v: object) -> bool:
-    """An instance id usable in file names and idempotency keys."""
-    return (isinstance(v, str) and 0 < len(v) <= 128 and not v.startswith(".")
-            and set(v) <= _ID_CHARS)  # fmt: skip
-
-
-
-def instance_id_of(spool_dir: str) -> str:
-    """The agent instance id kept beside the spool, created once: with the spool's seq it
-    names every event uniquely, across restarts and upgrades."""
-    path = os.path.join(spool_dir, "instance_id")
-    try:
-        with open(path, encoding="ascii") as f:
-            value = f.read().strip()
-        if safe_id(value):
-            return value
-    except (OSError, UnicodeDecodeError):
-        pass
-    value = os.urandom(8).hex()
-    try:
-        write_atomic(path, (value + "\n").encode())
-    except OSError as exc:
-        log.warning("cannot keep the instance id in %s: %s", spool_dir, exc)
-    return value
-
-
 def _map(v: Any) -> dict[Any, Any]:
     if not isinstance(v, dict):
         raise RecordError(f"expected a map, got {type(v).__name__}")
     return v
-
-
-def _open_spool(cfg: Config, spool_dir: str, mono: Callable[[], float]) -> tuple[Spool, str]:
-    """Open the spool. If another live agent holds it, use a private one beside it; if the
-    data dir is unusable (a read-only root filesystem), use one under the temp dir. Say
-    so, rather than fail: the workload must not lose its agent over a volume."""
-    sc = cfg.spool
-    fallback = os.path.join(tempfile.gettempdir(), f"lw-embed-{os.getuid()}", "spool")
-    for d in (spool_dir, f"{spool_dir}.{os.getpid()}", fallback):
-        spool = Spool(d, max_bytes=sc.max_bytes, segment_bytes=sc.segment_bytes,
-                      sync_interval=sc.sync_interval, clock=mono)  # fmt: skip
-        try:
-            spool.open()
-            return spool, d
-        except SpoolLocked:
-            log.error("spool %s is held by another agent; using a private spool", d)
-        except (SpoolError, OSError) as exc:
-            log.error("cannot use spool %s (%s); trying %s", d, exc, fallback)
-    raise LwEmbedError(f"cannot open a spool in {spool_dir} nor in {fallback}")
-
-
-def batches_url(url: str) -> str:
-    """The backend's batch endpoint: a bare ``http(s)://host:port`` gets the protocol's
-    ``/v1/batches``; a URL with a path is used as it is."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.path in ("", "/"):
-        return urllib.parse.urlunsplit(parts._replace(path="/v1/batches"))
-    return url
-
-
-def _sink(cfg: Config, out_dir: str, instance_id: str, version: str) -> BatchSink:
-    b = cfg.backend
-    if not b.url:
-        return FileBatchSink(FileSink(out_dir), instance_id)
-    from lw_embed.sinks.http import HttpSender  # aiohttp: only with a backend
-
-    token = b.token
-    if b.token_file:
-        with open(b.token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-    sender = HttpSender(
-        batches_url(b.url), token, ca_file=b.ca_file, verify_tls=b.verify_tls,
-        connect_timeout=b.connect_timeout, request_timeout=b.request_timeout,
-        backoff_initial=b.backoff_initial, backoff_max=b.backoff_max,
-        user_agent=f"lw-embed/{version}", max_server_error_retries=SERVER_ERROR_ATTEMPTS,
-    )  # fmt: skip
-    return HttpBatchSink(sender, b.compression_quality)
 
 
 class _Poller:
@@ -244,7 +158,7 @@ class Pipeline:
             cfg.tracer.argv_max_bytes, cfg.tracer.argv_max_args, spec.roots, spec.exclude,
         )  # fmt: skip
         uid = os.getuid()
-        self.spool, spool_dir = _open_spool(cfg, resolved_spool_dir(cfg, uid, env), mono)
+        self.spool, spool_dir = open_spool(cfg, resolved_spool_dir(cfg, uid, env), mono)
         self.spool_dir = spool_dir
         self._finished = False
         self.adopter = adopt.Adopter(self.spool, spool_dir, cfg.spool, self._count)
@@ -277,7 +191,7 @@ class Pipeline:
         self.limits = ShipperLimits(o.batch_max_events, o.batch_max_bytes, o.batch_max_age)
         self.shipper = Shipper(
             self.spool,
-            _sink(cfg, resolved_output_dir(cfg, uid, env), instance, spec.version),
+            make_sink(cfg, resolved_output_dir(cfg, uid, env), instance, spec.version),
             self.agent, self.limits,
             resource=self.identity.resource,
             processes=self._process_records,

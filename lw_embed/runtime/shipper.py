@@ -42,7 +42,7 @@ from lw_embed.codec import AgentIdentity, encode_batch_raw
 from lw_embed.sinks.files import FileSink
 from lw_embed.spool import Spool, SpoolItem
 
-if TYPE_CHECKING:  # aiohttp is imported only when there is a backend (pipeline._sink)
+if TYPE_CHECKING:  # aiohttp is imported only when there is a backend (outputs.make_sink)
     from lw_embed.sinks.http import HttpSender
 
 log = logging.getLogger("lw_embed.shipper")

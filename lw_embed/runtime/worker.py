@@ -42,17 +42,13 @@ from typing import Any
 
 from lw_embed.config import Config, config_from_dict
 from lw_embed.errors import ConfigError, LwEmbedError
-from lw_embed.runtime.pipeline import (  # the pipeline's helpers, re-exported
-    LOSS_EVERY,
-    READ_BUDGET,
-    READ_CHUNK,
+from lw_embed.runtime.outputs import (  # re-exported
     SERVER_ERROR_ATTEMPTS,
-    Pipeline,
-    _is_int,
     batches_url,
     instance_id_of,
     safe_id,
 )
+from lw_embed.runtime.pipeline import LOSS_EVERY, READ_BUDGET, READ_CHUNK, Pipeline, _is_int
 from lw_embed.sources.procfs import SCOPES
 
 __all__ = [
