@@ -32,7 +32,6 @@ import resource
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -49,9 +48,6 @@ from lw_embed.pipeline.enrich import ProcessTable  # noqa: E402
 from lw_embed.pipeline.flows import FlowTable  # noqa: E402
 from lw_embed.sources.base import SourceContext  # noqa: E402
 from lw_embed.sources.packets import NetworkSource  # noqa: E402
-
-_U32 = struct.Struct("=I")
-_U32X2 = struct.Struct("=II")
 
 
 def build(tmp: Path) -> Path:
@@ -92,21 +88,7 @@ def children_cpu() -> float:
 
 def walk(cap: pk.Capture, table: FlowTable, mv: memoryview, budget: int) -> int:
     """The source's V3 walk (lw_embed.sources.packets.NetworkSource._capture): blocks."""
-    mm, bs, n = cap.mm, cap.block_size, cap.block_nr
-    assert mm is not None
-    i, done = cap.cursor, 0
-    ingest = table.ingest_v3
-    for _ in range(budget):
-        base = i * bs
-        if not _U32.unpack_from(mm, base + 8)[0] & 1:
-            break
-        num, first = _U32X2.unpack_from(mm, base + 12)
-        ingest(mv, base + first, num)
-        _U32.pack_into(mm, base + 8, 0)
-        i = (i + 1) % n
-        done += 1
-    cap.cursor = i
-    return done
+    return cap.walk_v3(mv, table.ingest_v3, budget)[0]
 
 
 def flood_filter(snap: int = 128) -> list[pk.Insn]:

@@ -40,7 +40,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lw_embed.errors import LwEmbedError
@@ -84,6 +84,7 @@ TPACKET2_HDR = struct.Struct("=IIIHHII")
 _REQ3 = struct.Struct("=7I")
 _REQ = struct.Struct("=4I")
 _U32 = struct.Struct("=I")
+_U32X2 = struct.Struct("=II")  # block header: num_pkts, offset_to_first_pkt
 
 Insn = tuple[int, int, int, int]
 
@@ -242,8 +243,9 @@ class Capture:
     """An open capture: ``mode`` is ``tpacket_v3``, ``tpacket_v2`` or ``recv``.
 
     Ring modes expose ``mm`` (the mmap), ``block_size``/``block_nr`` (V3) or
-    ``frame_size``/``frame_nr`` (V2); the walkers live with the flow table
-    (:mod:`lw_embed.pipeline.flows`) so the per-packet loop has no extra call.
+    ``frame_size``/``frame_nr`` (V2). :meth:`walk_v3` hands each ready V3 block to the
+    flow table's per-block parser (:mod:`lw_embed.pipeline.flows`), so the per-packet
+    loop has no extra call.
     """
 
     def __init__(self, sock: socket.socket, mode: str, spec: RingSpec,
@@ -286,6 +288,27 @@ class Capture:
         if size == 12:
             self.freezes += vals[2]
         return self.packets, self.drops, self.freezes
+
+    def walk_v3(self, mv: memoryview, ingest: Callable[[memoryview, int, int], object],
+                budget: int) -> tuple[int, bool]:
+        """Hand at most ``budget`` ready blocks, from the cursor on, to ``ingest(mv, offset
+        of the first packet, packet count)`` and give each back to the kernel; return
+        (blocks walked, whether the next block is ready too)."""
+        mm, bs, n = self.mm, self.block_size, self.block_nr
+        assert mm is not None
+        i, done = self.cursor, 0
+        while done < budget:
+            base = i * bs
+            if not _U32.unpack_from(mm, base + BLOCK_STATUS)[0] & TP_STATUS_USER:
+                self.cursor = i
+                return done, False
+            num, first = _U32X2.unpack_from(mm, base + BLOCK_NUM_PKTS)
+            ingest(mv, base + first, num)
+            _U32.pack_into(mm, base + BLOCK_STATUS, TP_STATUS_KERNEL)
+            i = (i + 1) % n
+            done += 1
+        self.cursor = i
+        return done, bool(_U32.unpack_from(mm, i * bs + BLOCK_STATUS)[0] & TP_STATUS_USER)
 
     def drain(self) -> int:
         """Hand back (or read and discard) everything queued; return the frames dropped."""

@@ -57,7 +57,6 @@ from lw_embed.sources.netproc import (
 log = logging.getLogger("lw_embed.sources.packets")
 Addr = int | bytes
 _U32 = struct.Struct("=I")
-_U32X2 = struct.Struct("=II")
 _H2 = pk.TPACKET2_HDR
 #: a connect's flow starts within this long after the call (ns)
 CONNECT_WINDOW = 5_000_000_000
@@ -293,23 +292,10 @@ class NetworkSource:
         budget = limit or self.cfg.blocks_per_poll
         self._more = False
         if cap.mode == "tpacket_v3":
-            mm, mv, bs, n = cap.mm, self.mv, cap.block_size, cap.block_nr
-            assert mm is not None and mv is not None
-            i = cap.cursor
-            ingest = self.table.ingest_v3
-            for _ in range(budget):
-                base = i * bs
-                if not _U32.unpack_from(mm, base + 8)[0] & 1:
-                    break
-                num, first = _U32X2.unpack_from(mm, base + 12)
-                ingest(mv, base + first, num)
-                _U32.pack_into(mm, base + 8, 0)
-                i = (i + 1) % n
-            else:
-                self._more = bool(_U32.unpack_from(mm, i * bs + 8)[0] & 1)
-                if self._more:
-                    self._count("network.poll_budget_hit")
-            cap.cursor = i
+            assert self.mv is not None
+            _, self._more = cap.walk_v3(self.mv, self.table.ingest_v3, budget)
+            if self._more:
+                self._count("network.poll_budget_hit")
         elif cap.mode == "tpacket_v2":
             self._capture_v2(budget * 256)
         else:
