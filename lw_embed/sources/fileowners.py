@@ -1,16 +1,11 @@
 """Which installed package owns a monitored file, and the digest its database recorded.
 
-Interface: the :class:`lw_embed.sources.files.PackageOwners` protocol. Two providers:
-
-- :class:`InventoryOwners` wraps the package inventory's owner index
-  (:meth:`lw_embed.sources.packages.inventory.Inventory.owner_of`, path -> package index)
-  when the worker can hand one over; it knows owners, not digests (the inventory keeps
-  file lists only), except for dpkg packages, whose ``md5sums`` it reads on demand.
-- :class:`DpkgOwners` (the default, self-contained): ``<root>/var/lib/dpkg/info/*.list``
-  read once, lazily, keeping only the paths under the monitored roots (so its memory is
-  bounded by what is monitored, not by the image); each listed directory is resolved once
-  with ``realpath`` so usr-merged ``/bin/ls`` matches ``/usr/bin/ls``. The recorded digest
-  (md5) comes from ``info/<package>.md5sums``, read per package on first need.
+Interface: the :class:`PackageOwners` protocol, provided by :class:`DpkgOwners`:
+``<root>/var/lib/dpkg/info/*.list`` read once, lazily, keeping only the paths under the
+monitored roots (so its memory is bounded by what is monitored, not by the image); each
+listed directory is resolved once with ``realpath`` so usr-merged ``/bin/ls`` matches
+``/usr/bin/ls``. The recorded digest (md5) comes from ``info/<package>.md5sums``, read
+per package on first need.
 
 Capability: read access to the dpkg database. Cost: one pass over the ``.list`` files
 (about 120k lines, ~0.3 s here) at the first lookup; then a dict lookup per change, and
@@ -23,7 +18,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from lw_embed.config import Config
 
@@ -116,25 +111,6 @@ class DpkgOwners:
         if pkg is None:
             return None
         return f"deb:{pkg}", "md5", self._md5.digest(pkg, path, self._alias)
-
-
-class InventoryOwners:
-    """The package inventory's owner index (lw_embed.sources.packages) as PackageOwners."""
-
-    def __init__(self, inventory: Any, root: str = "/") -> None:
-        self.inv = inventory
-        self._md5 = _Md5sums(os.path.join(root, "var/lib/dpkg/info"))
-
-    def owner(self, path: str) -> tuple[str, str | None, str | None] | None:
-        idx = self.inv.owner_of(path)
-        if idx is None:
-            return None
-        pkg = self.inv.packages[idx]
-        label = f"{pkg.ecosystem}:{pkg.name}@{pkg.version}"
-        if pkg.ecosystem == "deb":
-            name = f"{pkg.name}:{pkg.arch}" if pkg.arch else pkg.name
-            return label, "md5", self._md5.digest(name, path, {})
-        return label, None, None
 
 
 def dpkg_owners(cfg: Config) -> DpkgOwners | None:
