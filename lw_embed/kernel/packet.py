@@ -109,10 +109,6 @@ def reject_all() -> list[Insn]:
     return [(BPF_RET_K, 0, 0, 0)]
 
 
-def accept_all(snap: int = 0xFFFF) -> list[Insn]:
-    return [(BPF_RET_K, 0, 0, snap)]
-
-
 class _Asm:
     """A tiny assembler with forward labels (jumps are resolved in :meth:`code`)."""
 

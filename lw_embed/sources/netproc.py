@@ -206,10 +206,6 @@ class SockDiag:
         return out
 
 
-def is_any(a: Addr) -> bool:
-    return a == 0 or a == b"\0" * 16
-
-
 class NetProc:
     """Sockets of the namespace and who owns them."""
 
