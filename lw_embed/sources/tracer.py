@@ -336,13 +336,13 @@ class Tracer:
     def _on_seccomp(self, tid: int) -> None:
         self._fault("seccomp")
         _op, arch, nr, args, tag = pt.get_syscall_info(tid)
-        if filetrace.is_file_tag(tag & seccomp.SECCOMP_RET_DATA):
-            filetrace.on_stop(self._emit, self.tasks.get(tid, tid), tid, args,
-                              tag & seccomp.SECCOMP_RET_DATA, self._opts.file_roots, time.time_ns())
-            return
-        if tag & seccomp.SECCOMP_RET_DATA != TAG_CONNECT:
-            if tag & seccomp.SECCOMP_RET_DATA in (TAG_BIND, TAG_LISTEN):
-                self._on_bind_listen(tid, arch, nr, args, tag & seccomp.SECCOMP_RET_DATA)
+        data = tag & seccomp.SECCOMP_RET_DATA
+        if data != TAG_CONNECT:
+            if data in (TAG_BIND, TAG_LISTEN):
+                self._on_bind_listen(tid, arch, nr, args, data)
+            elif filetrace.is_file_tag(data):
+                filetrace.on_stop(self._emit, self.tasks.get(tid, tid), tid, args, data,
+                                  self._opts.file_roots, time.time_ns())  # fmt: skip
             return
         fd, addr, alen = args[0], args[1], args[2]
         if arch == seccomp.AUDIT_ARCH_I386 and nr in _I386_SOCKETCALL:
