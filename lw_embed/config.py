@@ -296,12 +296,15 @@ class NetworkConfig:
     interfaces: tuple[str, ...] = ()  # () = every interface of the network namespace
     capture: str = field(default="auto", metadata=_one_of(
         "auto", "tpacket_v3", "tpacket_v2", "recv", "procfs"))  # fmt: skip
-    block_size: int = field(default=1048576, metadata=_range(4096, 1 << 26))
-    block_count: int = field(default=8, metadata=_range(2, 4096))
+    # many small blocks: a block is retired after retire_ms even when nearly empty, so at a
+    # low packet rate the ring holds block_count x retire_ms of traffic (64 x 20 ms) before
+    # a busy or descheduled worker loses packets
+    block_size: int = field(default=131072, metadata=_range(4096, 1 << 26))
+    block_count: int = field(default=64, metadata=_range(2, 4096))
     frame_size: int = field(default=2048, metadata=_range(128, 65536))
     retire_ms: int = field(default=20, metadata=_range(1, 10000))
     snap_length: int = field(default=128, metadata=_range(96, 65535))
-    blocks_per_poll: int = field(default=4, metadata=_range(1, 4096))
+    blocks_per_poll: int = field(default=32, metadata=_range(1, 4096))
     max_flows: int = field(default=100000, metadata=_range(10, 10000000))
     tcp_timeout: float = field(default=300.0, metadata=_range(0.1, 86400))
     udp_timeout: float = field(default=60.0, metadata=_range(0.1, 86400))

@@ -65,6 +65,9 @@ CONNECT_PENDING_MAX = 4096
 LOOKUPS_PER_POLL = 256
 #: flows waiting for another attribution try, and the tries (backoff 40 ms .. 1.3 s)
 RETRY_MAX = 10000
+#: wrapper mode: how long a new flow may wait for the core's CONNECT record (records and
+#: packets come by two channels; the record is sent before the SYN but may be read later)
+CONNECT_WAIT = 0.25
 ATTR_TRIES = 6
 #: flows exported by close(): what the worker can write within its shutdown budget
 SHUTDOWN_EXPORT_MAX = 10000
@@ -109,6 +112,10 @@ class NetworkSource:
         self._next_procfs = ctx.mono()
         self._more = False
         self._retry: list[tuple[Key, int, int, float]] = []
+        #: flows waiting for the record stream to pass their start (see _await_records)
+        self._late: dict[Key, float] = {}
+        self._through = 0  # wall time (ns) of the latest core record read
+        self._await = ctx.mode == "wrapper" and ctx.config.tracer.trace_connect
         self._technique = ("none", "")
         self._kstats = (0, 0, 0)  # the capture's last PACKET_STATISTICS totals
         self._open()
@@ -162,6 +169,8 @@ class NetworkSource:
         due = self._next_sweep
         if self.fallback is not None:
             due = min(due, self._next_procfs)
+        if self._late:
+            due = min(due, self.ctx.mono() + 0.02)
         return due
 
     def technique(self) -> tuple[str, str]:
@@ -183,6 +192,8 @@ class NetworkSource:
         return out
 
     def observe(self, rec: Sequence[Any]) -> Iterable[Event]:
+        if isinstance(rec[1], int) and rec[1] > self._through:
+            self._through = rec[1]
         if rec[0] == R.CONNECT:
             _r, t, pid, _tid, _fd, family, address, port = rec
             key = _addr_of(family, address) if family in ("inet", "inet6") else None
@@ -338,7 +349,12 @@ class NetworkSource:
         socket still exists) joined to its owner's fds; misses are retried a few times
         with backoff (a connection not accepted yet has no owner)."""
         flows = self.table.flows
-        items = [(k, 0, 0) for k in self.table.take_new() if k in flows]
+        items: list[tuple[Key, int, int]] = []
+        if self._late:  # first: they are older, and CONNECT records are matched in order
+            for k in [k for k in self._late if k not in flows]:
+                del self._late[k]
+            items += [(k, 0, 0) for k in self._late]
+        items += [(k, 0, 0) for k in self.table.take_new() if k in flows]
         retry, self._retry = self._retry, []
         for k, ino, tries, due in retry:
             if k in flows:
@@ -358,7 +374,10 @@ class NetworkSource:
                     self.dns.pin(k[3])
                 attr = self._by_connect(k, f[0]) or self._by_bind(k, f[0])
                 if attr is not None:
+                    self._late.pop(k, None)
                     f[12] = [*attr, names]
+                    continue
+                if self._await_records(k, f[0], mono):
                     continue
                 f[12] = ["unknown", None, None, None, names]
             need.append(item)
@@ -366,6 +385,24 @@ class NetworkSource:
             self._retry_at(k, ino, tries, mono)
         if need:
             self._by_inode(need[:LOOKUPS_PER_POLL], mono)
+
+    def _await_records(self, k: Key, start: int, mono: float) -> bool:
+        """Whether flow ``k`` should wait for its CONNECT record: in wrapper mode, while no
+        core record as late as the flow's start has been read (so its connect, if traced,
+        may still be in the pipe), for at most :data:`CONNECT_WAIT` s."""
+        if not self._await or not self._through or start <= self._through:
+            self._late.pop(k, None)
+            return False
+        until = self._late.get(k)
+        if until is None:
+            if len(self._late) >= RETRY_MAX:
+                return False
+            self._late[k] = until = mono + CONNECT_WAIT
+        if mono >= until:
+            del self._late[k]
+            self._count("network.connect_wait_expired")
+            return False
+        return True
 
     def _names(self, k: Key) -> tuple[str, ...]:
         return self.dns.lookup(k[3]) if self.cfg.dns else ()
