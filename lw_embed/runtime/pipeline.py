@@ -559,6 +559,11 @@ class Pipeline:
         if self._finished:
             return
         self._finished = True
+        # what the workload did is durable first: a source's close may take a while (the
+        # package index of a short job) and the core kills a worker past its budget
+        for ev in self.aggregator.flush(force=True):
+            self._accept(ev)
+        self.spool.sync()
         for src in self.sources:
             self._guarded(src, lambda s: s.close(), src)  # their last events
         for ev in self.aggregator.flush(force=True):

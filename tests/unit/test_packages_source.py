@@ -21,7 +21,7 @@ from lw_embed.events import Event, PackageActive, PackageChange, PackageInventor
 from lw_embed.pipeline.enrich import ProcessTable
 from lw_embed.records import R
 from lw_embed.sources.base import SourceContext
-from lw_embed.sources.packages import CLOSE_BUDGET, PackagesSource, python
+from lw_embed.sources.packages import PackagesSource, close_budget, python
 from lw_embed.sources.packages.inventory import Inventory, Scanner
 from lw_embed.sources.packages.model import Steps
 from tests.unit.test_packages import FIX, _fake_proc
@@ -251,13 +251,13 @@ def test_close_sends_what_it_has_within_budget(tmp_path: Path) -> None:
     src.observe(exec_rec(90, "/usr/bin/md5only", ["md5only"]))
     start = clock.t
     assert list(src.close()) == []
-    assert clock.t - start <= CLOSE_BUDGET + 0.2
+    assert clock.t - start <= close_budget(src.ctx.config.shutdown.flush) + 0.2
     # a fast one: the OS part is read, the backlog joined, a snapshot of what there is
     src, clock, _ = make_source(tmp_path, root, proc, clock=Clock(step=0.002))
     src.observe(exec_rec(90, "/usr/bin/md5only", ["md5only"]))
     start = clock.t
     evs = list(src.close())
-    assert clock.t - start <= CLOSE_BUDGET + 0.2
+    assert clock.t - start <= close_budget(src.ctx.config.shutdown.flush) + 0.2
     assert [e.name for e in evs if isinstance(e, PackageActive)] == ["md5only"]
     snap = snapshot(evs)
     assert snap["md5only"]["state"] == "active" and snap["idle"]["state"] == "unmeasurable"

@@ -32,7 +32,7 @@ new processes (all of them every ``full_refresh``).
 
 Failure modes: see the modules; EXEC records that arrive before the OS owner index are
 kept (at most 10,000; beyond that dropped and counted as ``packages.exec_backlog_full``).
-``close`` spends at most :data:`CLOSE_BUDGET` seconds: it finishes the OS part of a first
+``close`` spends at most :func:`close_budget` seconds: it finishes the OS part of a first
 scan still running, joins the backlog, and when no snapshot was sent yet sends one of
 what it has (``totals.complete`` 0 when the language databases were not read).
 """
@@ -65,7 +65,13 @@ from lw_embed.sources.procfs import in_scope
 
 PART_SIZE = 500
 SLICE = 0.03
-CLOSE_BUDGET = 0.25
+CLOSE_BUDGET = 0.25  # at least; half of [shutdown] flush when that is more
+
+
+def close_budget(flush: float) -> float:
+    """What :meth:`PackagesSource.close` may spend: the OS index of a first scan takes
+    about a CPU-second on a Debian root, and a short job's EXEC evidence waits for it."""
+    return max(CLOSE_BUDGET, flush / 2)
 EXEC_BACKLOG = 10000
 ERRORS_SHIPPED = 20
 #: programs whose run inside a production container is worth knowing
@@ -254,9 +260,9 @@ class PackagesSource:
         return {"packages.exec_backlog_full": self.backlog_full}
 
     def close(self) -> Iterable[Event]:
-        """At most :data:`CLOSE_BUDGET` s: finish the OS part of a first scan, join the
+        """At most :func:`close_budget` s: finish the OS part of a first scan, join the
         backlog, and send a snapshot when none was sent (see the module docstring)."""
-        deadline = self.ctx.mono() + CLOSE_BUDGET
+        deadline = self.ctx.mono() + close_budget(self.ctx.config.shutdown.flush)
         out: list[Event] = []
         if self._steps is not None and self._purpose == "first":
             out += self._drive(deadline, 1 << 62, until_interim=True)
