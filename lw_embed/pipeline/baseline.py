@@ -33,7 +33,7 @@ CHUNK = 1 << 20
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, parent TEXT NOT NULL, inode INTEGER, mode INTEGER, uid INTEGER,
-    gid INTEGER, size INTEGER, mtime INTEGER, hash TEXT);
+    gid INTEGER, size INTEGER, mtime INTEGER, hash TEXT, ctime INTEGER);
 CREATE INDEX IF NOT EXISTS files_parent ON files(parent);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
@@ -49,6 +49,9 @@ class Entry:
     size: int
     mtime: int  # ns
     hash: str | None
+    #: ns; not compared (a chmod moves it too) but part of the no-rehash key: unlike mtime,
+    #: no unprivileged call can set it back
+    ctime: int = 0
 
     @property
     def parent(self) -> str:
@@ -68,7 +71,7 @@ class Entry:
 
 def entry_of(path: str, st: os.stat_result, digest: str | None) -> Entry:
     return Entry(path, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size,
-                 st.st_mtime_ns, digest)  # fmt: skip
+                 st.st_mtime_ns, digest, st.st_ctime_ns)  # fmt: skip
 
 
 def compare(old: Entry | None, new: Entry) -> str | None:
@@ -93,41 +96,75 @@ def same_content_key(old: Entry | None, st: os.stat_result) -> bool:
     return (
         old is not None
         and old.hash is not None
-        and (old.inode, old.size, old.mtime) == (st.st_ino, st.st_size, st.st_mtime_ns)
+        and (old.inode, old.size, old.mtime, old.ctime)
+        == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     )
 
 
-def hash_file(path: str, algorithm: str, max_bytes: int) -> tuple[str | None, str | None, int]:
-    """(hex digest, skipped reason, bytes read) of the regular file at ``path``."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
+class Hasher:
+    """The digest of one regular file, read ``step`` bytes at a time, so that a large file
+    never holds its caller for long; :attr:`result` is set once it is finished (the fd is
+    closed then, or by :meth:`close`)."""
+
+    __slots__ = ("_fd", "_h", "max_bytes", "n", "result")
+
+    def __init__(self, path: str, algorithm: str, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.n = 0
+        self.result: tuple[str | None, str | None, int] | None = None
+        self._fd = -1
+        self._h = hashlib.new(algorithm)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
-        except PermissionError:  # O_NOATIME needs ownership or CAP_FOWNER
-            fd = os.open(path, flags)
-    except OSError:
-        return None, "unreadable", 0
-    try:
-        st = os.fstat(fd)
+            try:
+                self._fd = os.open(path, flags | getattr(os, "O_NOATIME", 0))
+            except PermissionError:  # O_NOATIME needs ownership or CAP_FOWNER
+                self._fd = os.open(path, flags)
+            st = os.fstat(self._fd)
+        except OSError:
+            self._end(None, "unreadable")
+            return
         if not stat.S_ISREG(st.st_mode):
-            return None, "not_regular", 0
-        if st.st_size > max_bytes:
-            return None, "too_large", 0
-        h = hashlib.new(algorithm)
-        n = 0
-        while n <= max_bytes:
-            chunk = os.read(fd, CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
-        if n > max_bytes:  # grew while read
-            return None, "too_large", n
-        return h.hexdigest(), None, n
-    except OSError:
-        return None, "unreadable", 0
-    finally:
-        os.close(fd)
+            self._end(None, "not_regular")
+        elif st.st_size > max_bytes:
+            self._end(None, "too_large")
+
+    def _end(self, digest: str | None, skipped: str | None) -> None:
+        self.result = (digest, skipped, self.n)
+        self.close()
+
+    def step(self, budget: int) -> int:
+        """Read and hash up to about ``budget`` bytes; the number read."""
+        if self.result is not None:
+            return 0
+        got = 0
+        try:
+            while got < budget:
+                chunk = os.read(self._fd, CHUNK)
+                if not chunk:
+                    self._end(self._h.hexdigest(), None)
+                    break
+                self._h.update(chunk)
+                got += len(chunk)
+                self.n += len(chunk)
+                if self.n > self.max_bytes:  # grew while read
+                    self._end(None, "too_large")
+                    break
+        except OSError:
+            self._end(None, "unreadable")
+        return got
+
+    def finish(self) -> tuple[str | None, str | None, int]:
+        """Read the rest at once: (hex digest, skipped reason, bytes read)."""
+        while self.result is None:
+            self.step(1 << 30)
+        return self.result
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
 
 
 class Baseline:
@@ -152,19 +189,22 @@ class Baseline:
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
         db.execute("SELECT count(*) FROM files").fetchone()  # fails on a corrupt file
+        if "ctime" not in {r[1] for r in db.execute("PRAGMA table_info(files)")}:
+            db.execute("ALTER TABLE files ADD COLUMN ctime INTEGER")  # an older baseline
         return db
 
     def get(self, path: str) -> Entry | None:
         row = self.db.execute(
-            "SELECT path, inode, mode, uid, gid, size, mtime, hash FROM files WHERE path=?",
+            "SELECT path, inode, mode, uid, gid, size, mtime, hash, coalesce(ctime, 0) FROM files "
+            "WHERE path=?",
             (path,),
         ).fetchone()
         return Entry(*row) if row else None
 
     def put(self, e: Entry) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?)",
-            (e.path, e.parent, e.inode, e.mode, e.uid, e.gid, e.size, e.mtime, e.hash),
+            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (e.path, e.parent, e.inode, e.mode, e.uid, e.gid, e.size, e.mtime, e.hash, e.ctime),
         )
 
     def children(self, parent: str) -> list[str]:
@@ -191,7 +231,7 @@ class Baseline:
         n = len(old)
         lo, hi = old.rstrip("/") + "/", old.rstrip("/") + "0"
         rows = self.db.execute(
-            "SELECT path, inode, mode, uid, gid, size, mtime, hash FROM files "
+            "SELECT path, inode, mode, uid, gid, size, mtime, hash, coalesce(ctime, 0) FROM files "
             "WHERE path=? OR (path>=? AND path<?)", (old, lo, hi)
         ).fetchall()  # fmt: skip
         self.db.execute("DELETE FROM files WHERE path=? OR (path>=? AND path<?)", (old, lo, hi))
@@ -203,7 +243,8 @@ class Baseline:
 
     def all(self) -> dict[str, Entry]:
         return {r[0]: Entry(*r) for r in self.db.execute(
-            "SELECT path, inode, mode, uid, gid, size, mtime, hash FROM files")}  # fmt: skip
+            "SELECT path, inode, mode, uid, gid, size, mtime, hash, coalesce(ctime, 0) "
+            "FROM files")}  # fmt: skip
 
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

@@ -59,9 +59,9 @@ from lw_embed.kernel import inotify as ino
 from lw_embed.pipeline.baseline import (
     Baseline,
     Entry,
+    Hasher,
     compare,
     entry_of,
-    hash_file,
     same_content_key,
 )
 from lw_embed.pipeline.enrich import ProcessTable
@@ -221,6 +221,7 @@ class FilesSource:
             self._deleted(path, isdir, out)
         self._release(self.mono(), out, force=True)
         self._emit_degraded(out)
+        self.scanner.close()
         self.baseline.close()
         self.ino.close()
         return out
@@ -435,8 +436,9 @@ class FilesSource:
             self._deleted(path, isdir, out, moved_out=True)
 
     # -- changes --------------------------------------------------------------------------
-    def hash_of(self, path: str, st: os.stat_result, rule: CompiledRule,
-                old: Entry | None) -> tuple[str | None, str | None]:  # fmt: skip
+    def known_hash(self, path: str, st: os.stat_result, rule: CompiledRule,
+                   old: Entry | None) -> tuple[str | None, str | None] | None:  # fmt: skip
+        """(digest, skipped) when the file need not be read; None when it must be hashed."""
         if not stat.S_ISREG(st.st_mode):
             return None, None
         if not rule.hash:
@@ -445,17 +447,27 @@ class FilesSource:
             return None, "secret"
         if same_content_key(old, st):
             return old.hash if old else None, None
-        digest, skipped, n = self._hash_file(path, self.cfg.hash_algorithm)
-        self.scanner.bytes.take(n, self.mono())
-        self._count("hashed_bytes", n)
-        return digest, skipped
+        return None
 
-    def _hash_file(self, path: str, algorithm: str) -> tuple[str | None, str | None, int]:
-        if self.reads and self.rule_of(path) is not None:
+    def hasher(self, path: str, algorithm: str = "") -> Hasher:
+        if self.reads and self.rule_of(path) is not None:  # our own read, not the workload's
             self._own_reads[path] = self._own_reads.get(path, 0) + 1
             if len(self._own_reads) > 100000:
                 self._own_reads.clear()
-        return hash_file(path, algorithm, self.cfg.hash_max_bytes)
+        return Hasher(path, algorithm or self.cfg.hash_algorithm, self.cfg.hash_max_bytes)
+
+    def hashed(self, n: int) -> None:
+        self.scanner.bytes.take(n, self.mono())
+        self._count("hashed_bytes", n)
+
+    def hash_of(self, path: str, st: os.stat_result, rule: CompiledRule,
+                old: Entry | None) -> tuple[str | None, str | None]:  # fmt: skip
+        known = self.known_hash(path, st, rule, old)
+        if known is not None:
+            return known
+        digest, skipped, n = self.hasher(path).finish()
+        self.hashed(n)
+        return digest, skipped
 
     def change(self, path: str, action: str, rule: CompiledRule, old: Entry | None,
                new: Entry | None, detected_by: str, wall: int, hash_skipped: str | None = None,

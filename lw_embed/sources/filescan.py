@@ -14,8 +14,9 @@ the rules want it (excluded trees are never entered).
 Capability: read access to the trees.
 
 Cost: one token of ``scan_files_per_s`` per directory entry checked and the hashed bytes
-from ``scan_bytes_per_s``; at most ``SLICE`` seconds of work per worker poll, so the
-worker's other duties (and the workload, the worker runs at nice 10) are never starved.
+from ``scan_bytes_per_s``; at most ``SLICE`` seconds of work per worker poll (a file
+larger than ``HASH_STEP`` is hashed a step per turn, across polls), so the worker's
+other duties (and the workload, the worker runs at nice 10) are never starved.
 A file whose (inode, size, mtime) match the baseline is not read again.
 
 Failure modes: entries that vanish mid-scan are skipped; an unlistable directory is
@@ -31,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lw_embed.pipeline.baseline import compare, entry_of
+from lw_embed.pipeline.baseline import Entry, Hasher, compare, entry_of
 from lw_embed.pipeline.filerules import CompiledRule
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from lw_embed.sources.files import FilesSource
 
 SLICE = 0.02
+#: files larger than this are hashed a step at a time across polls (one step per turn)
+HASH_STEP = 1 << 21
 
 
 class Bucket:
@@ -82,8 +85,12 @@ class Job:
     since: int = 0  # live jobs: replay traced syscalls from this wall time (ns)
 
 
+def _key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class Scanner:
-    __slots__ = ("_cur", "bytes", "due", "files", "src", "stack")
+    __slots__ = ("_cur", "_hashing", "bytes", "due", "files", "src", "stack")
 
     def __init__(self, src: FilesSource, files: Bucket, bytes_: Bucket) -> None:
         self.src = src
@@ -91,11 +98,14 @@ class Scanner:
         self.bytes = bytes_
         self.stack: deque[tuple[str, Job]] = deque()
         self._cur: list[Any] | None = None  # [dir, job, names, index, seen]
+        #: a large file being hashed: (hasher, path, stat, rule, job, baseline entry)
+        self._hashing: tuple[Hasher, str, os.stat_result, CompiledRule, Job, Entry | None] | None
+        self._hashing = None
         self.due = 0.0
 
     @property
     def busy(self) -> bool:
-        return bool(self.stack) or self._cur is not None
+        return bool(self.stack) or self._cur is not None or self._hashing is not None
 
     @property
     def queued(self) -> int:
@@ -119,7 +129,9 @@ class Scanner:
             if time.monotonic() > end:
                 self.due = now
                 return
-            if self._cur is None:
+            if self._hashing is not None:
+                self._hash_step(now)
+            elif self._cur is None:
                 self._start(now)
             else:
                 self._step(now)
@@ -186,15 +198,55 @@ class Scanner:
                now: float) -> None:  # fmt: skip
         src = self.src
         old = src.baseline.get(path)
-        wall = src.wall()
         if job.detected_by == "inotify":
             if old is None or old.inode != st.st_ino:
-                src.touch(path, rule, "create", now, wall)
+                src.touch(path, rule, "create", now, src.wall())
             return
-        digest, skipped = src.hash_of(path, st, rule, old)
+        known = src.known_hash(path, st, rule, old)
+        if known is None and st.st_size > HASH_STEP:
+            job.outstanding += 1  # the job is not done before its last file is hashed
+            self._hashing = (src.hasher(path), path, st, rule, job, old)
+            return
+        digest, skipped = known if known is not None else src.hash_of(path, st, rule, old)
+        self._record(path, st, rule, job, old, digest, skipped, now)
+
+    def _hash_step(self, now: float) -> None:
+        assert self._hashing is not None
+        h, path, st, rule, job, old = self._hashing
+        self.src.hashed(h.step(HASH_STEP))
+        if h.result is None:
+            return
+        self._hashing = None
+        try:
+            now_st: os.stat_result | None = os.lstat(path)
+        except OSError:
+            now_st = None
+        if now_st is None:  # deleted while read: as if the walk had not found it
+            if old is not None:
+                self._gone(path, job, rule, now)
+        elif _key(now_st) != _key(st):
+            # changed while read: the digest is of neither version; record what is there
+            # now, unhashed (a watched file's inotify events hash it again when quiet)
+            self._record(path, now_st, rule, job, old, None, "changing", now)
+        else:
+            self._record(path, st, rule, job, old, h.result[0], h.result[1], now)
+        self._done(job)
+
+    def close(self) -> None:
+        if self._hashing is not None:
+            self._hashing[0].close()
+            self._hashing = None
+
+    def _record(self, path: str, st: os.stat_result, rule: CompiledRule, job: Job,
+                old: Entry | None, digest: str | None, skipped: str | None,
+                now: float) -> None:  # fmt: skip
+        src = self.src
+        wall = src.wall()
         new = entry_of(path, st, digest)
         diff = compare(old, new)
         if diff is None:
+            if old is not None and (old.ctime != new.ctime or (old.hash is None and digest)):
+                src.baseline.put(new)  # the same file: a fresh no-rehash key (or its hash)
             return
         src.baseline.put(new)
         if job.report and diff in rule.actions:

@@ -211,6 +211,110 @@ def test_changes_while_stopped_are_reported_at_next_start(tmp_path: Path, w: Pat
     src.close()
 
 
+def test_a_large_file_is_hashed_across_polls_and_its_changes_still_found(
+        tmp_path: Path, w: Path) -> None:  # fmt: skip
+    from lw_embed.sources.filescan import HASH_STEP
+
+    big = w / "big.bin"
+    data = os.urandom(3 * HASH_STEP + 12345)
+    big.write_bytes(data)
+    (w / "small").write_text("s")
+    rules = [{"path": str(w)}]
+    # 8 MiB/s: a 2 MiB step empties the bucket, so the next step waits for a later poll
+    src = make_src(tmp_path, rules, scan_bytes_per_s=1 << 23)
+    partial = 0  # polls after which the big file was part-read
+    end = time.monotonic() + 30
+    while (src.scanner.busy or not partial) and time.monotonic() < end:
+        src.poll(time.monotonic())
+        hashing = src.scanner._hashing
+        partial += hashing is not None and 0 < hashing[0].n < len(data)
+    assert partial >= 2, "the large file was read in one poll"
+    settle(src)
+    assert src.baseline.get(str(big)).hash == hashlib.sha256(data).hexdigest()
+    src.close()
+    # the next start finds a change made meanwhile to the large file (same size)
+    big.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    src = make_src(tmp_path, rules)
+    mod = [e for e in changes(settle(src)) if e["path"] == str(big)]
+    assert [e["action"] for e in mod] == ["modify"]
+    assert mod[0]["previous_hash"] == hashlib.sha256(data).hexdigest()
+    src.close()
+
+
+def test_a_file_changed_or_deleted_while_hashed_leaves_no_stale_baseline(
+        tmp_path: Path, w: Path) -> None:  # fmt: skip
+    """The stepped hash of the reviewer's race: the file is appended to, or deleted, between
+    two steps; the baseline must describe what is there afterwards (so the next start
+    reports nothing) and the job completes."""
+    from lw_embed.sources.filescan import HASH_STEP
+
+    grow, gone = w / "grow.bin", w / "gone.bin"
+    for f in (grow, gone):
+        f.write_bytes(os.urandom(3 * HASH_STEP))
+    rules = [{"path": str(w)}]
+    src = make_src(tmp_path, rules, scan_bytes_per_s=1 << 23)
+    touched: set[str] = set()
+    end = time.monotonic() + 30
+    while src.scanner.busy and time.monotonic() < end:
+        src.poll(time.monotonic())
+        h = src.scanner._hashing
+        if h is not None and h[0].n > 0 and h[1] not in touched:
+            touched.add(h[1])
+            if h[1] == str(grow):
+                with open(grow, "ab") as fh:
+                    fh.write(b"more")
+            else:
+                gone.unlink()
+    assert touched == {str(grow), str(gone)}
+    settle(src)
+    assert src.baseline.get(str(gone)) is None
+    g = src.baseline.get(str(grow))
+    assert g is not None and g.size == 3 * HASH_STEP + 4
+    src.close()
+    src = make_src(tmp_path, rules)  # the next start: nothing changed since
+    assert [e for e in changes(settle(src)) if e["path"] in (str(grow), str(gone))] == []
+    src.close()
+
+
+def test_same_size_rewrite_with_mtime_put_back_is_still_a_modify(
+        tmp_path: Path, w: Path) -> None:  # fmt: skip
+    """ctime is in the no-rehash key: an attacker can restore mtime, not ctime."""
+    f = w / "sshd_config"
+    f.write_text("PermitRootLogin no\n")
+    rules = [{"path": str(w)}]
+    src = make_src(tmp_path, rules)
+    settle(src)
+    src.close()
+    st = f.stat()
+    time.sleep(0.02)
+    f.write_text("PermitRootLogin ye\n")  # the same length
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    src = make_src(tmp_path, rules)
+    (ev,) = [e for e in changes(settle(src)) if e["path"] == str(f)]
+    assert ev["action"] == "modify" and ev["detected_by"] == "scan"
+    assert ev["hash"] == hashlib.sha256(b"PermitRootLogin ye\n").hexdigest()
+    src.close()
+
+
+def test_a_file_that_grows_past_the_limit_while_hashed_is_too_large(tmp_path: Path) -> None:
+    from lw_embed.pipeline.baseline import Hasher
+
+    f = tmp_path / "grows"
+    f.write_bytes(b"x" * 1000)
+    h = Hasher(str(f), "sha256", 4000)
+    assert h.step(500) > 0 and h.result is None
+    with open(f, "ab") as fh:
+        fh.write(b"y" * 5000)
+    while h.result is None:
+        h.step(1 << 20)
+    assert h.result[0] is None and h.result[1] == "too_large"
+    f.unlink()
+    assert Hasher(str(f), "sha256", 4000).finish() == (None, "unreadable", 0)
+    os.mkfifo(f)  # never opened for reading by the hasher's caller: O_NONBLOCK, not a file
+    assert Hasher(str(f), "sha256", 4000).finish()[1] == "not_regular"
+
+
 def test_moves_in_out_and_within_and_recreated_dirs(tmp_path: Path, w: Path) -> None:
     outside = tmp_path / "outside"
     (outside / "tree" / "sub").mkdir(parents=True)

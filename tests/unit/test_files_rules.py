@@ -117,6 +117,26 @@ def test_baseline_tree_operations(tmp_path: Path) -> None:
     assert sorted(Baseline(str(tmp_path / "b.sqlite")).all()) == ["/r/ab", "/r/b"]
 
 
+def test_a_baseline_without_the_ctime_column_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE files (path TEXT PRIMARY KEY, parent TEXT NOT NULL, inode INTEGER, "
+        "mode INTEGER, uid INTEGER, gid INTEGER, size INTEGER, mtime INTEGER, hash TEXT);"
+        "INSERT INTO files VALUES ('/a/f', '/a', 5, 33188, 0, 0, 3, 7, 'h');")
+    db.commit()
+    db.close()
+    b = Baseline(str(path))
+    old = b.get("/a/f")
+    assert old == Entry("/a/f", 5, 33188, 0, 0, 3, 7, "h", 0)  # kept; ctime unknown: 0
+    b.put(Entry("/a/g", 6, 33188, 0, 0, 3, 7, "h", 99))
+    b.rename_tree("/a/g", "/a/h")
+    assert b.get("/a/h") == Entry("/a/h", 6, 33188, 0, 0, 3, 7, "h", 99)
+    b.close()
+
+
 def test_corrupt_baseline_is_moved_aside(tmp_path: Path) -> None:
     p = tmp_path / "b.sqlite"
     p.write_bytes(b"this is not a database" * 100)
