@@ -77,19 +77,26 @@ class Rule:
 
 # x32 numbers that differ from "x86-64 number | X32 bit" (from the x32 block of the table).
 _X32_OWN = {name: nr for nr, name in _x86_64.SYSCALL_NAMES.items() if 512 <= nr < 548}
-_X86_64 = {name: nr for nr, name in _x86_64.SYSCALL_NAMES.items() if nr < 512}
+# syscalls newer than python-ptrace's tables; since Linux 5.1 a new syscall has one number
+# on every architecture (openat2 437, fchmodat2 452 in Linux 6.6)
+_NEW = {"openat2": 437, "fchmodat2": 452}
+_X86_64 = {name: nr for nr, name in _x86_64.SYSCALL_NAMES.items() if nr < 512} | _NEW
 # python-ptrace's i386 table ends at 319; the direct socket calls came in Linux 4.3
 _I386 = {name: nr for nr, name in _i386.SYSCALL_NAMES.items()} | {
     "execveat": 358, "socket": 359, "socketpair": 360, "bind": 361, "connect": 362,
     "listen": 363, "accept4": 364, "utimensat": 320, "renameat2": 353,
-}  # fmt: skip
+} | _NEW  # fmt: skip
 #: i386 socketcall(2) sub-call numbers (linux/net.h)
 SOCKETCALL = {"bind": 2, "connect": 3, "listen": 4, "accept": 5, "accept4": 18}
-# aarch64 (asm-generic numbers), only the ones the agent may trace.
+# aarch64 (asm-generic numbers), only the ones the agent may trace; it has none of the
+# legacy path calls (open, creat, unlink, rename, mkdir, chmod, chown, link, utimes...).
 _AARCH64 = {
     "connect": 203, "accept": 202, "accept4": 242, "bind": 200, "listen": 201,
     "execve": 221, "execveat": 281,
-}  # fmt: skip
+    "openat": 56, "mkdirat": 34, "unlinkat": 35, "symlinkat": 36, "linkat": 37,
+    "renameat": 38, "renameat2": 276, "truncate": 45, "ftruncate": 46, "fchmod": 52,
+    "fchmodat": 53, "fchownat": 54, "fchown": 55, "utimensat": 88,
+} | _NEW  # fmt: skip
 
 
 def syscall_numbers(arch: int, name: str) -> list[int]:

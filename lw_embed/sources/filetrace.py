@@ -17,10 +17,10 @@ check is in BPF, so a read-only open never stops), ``creat``, ``truncate``/``ftr
 ``mkdir``/``mkdirat``, ``link``/``linkat``/``symlink``/``symlinkat``,
 ``chmod``/``fchmod``/``fchmodat``, ``chown``/``lchown``/``fchown``/``fchownat``,
 ``utimensat``/``utimes``/``utime``/``futimesat`` (x86-64, x32 and i386 numbers).
-Not traced: ``openat2`` (its flags sit behind a struct pointer, which BPF cannot read:
-tracing it would stop every read-only openat2 too; glibc does not use it) and
-``fchmodat2`` (Linux 6.6; not in the syscall tables) -- changes made through them are
-still seen by inotify, with ``attribution: none``. aarch64: not traced (no table yet).
+``openat2`` and ``fchmodat2`` (Linux 6.6) too: openat2's flags sit behind a struct pointer,
+which BPF cannot read, so every openat2 stops and a read-only one is dropped here after
+reading ``open_how.flags`` (glibc never calls it; a few runtimes do). aarch64 has only the
+``*at`` forms, traced by the same rules.
 
 Capability: that of the tracer (ptrace of the workload).
 
@@ -87,6 +87,8 @@ SYSCALLS: dict[str, tuple[_P | int, _P | None, int | None]] = {
     "utimes": ((None, 0), None, None),
     "utime": ((None, 0), None, None),
     "futimesat": ((0, 1), None, None),
+    "openat2": ((0, 1), None, None),  # flags: the first u64 of struct open_how (args[2])
+    "fchmodat2": ((0, 1), None, None),
 }
 _NAMES = tuple(SYSCALLS)
 TAG_BASE = 0x100  # RET_DATA tags TAG_BASE + index in _NAMES
@@ -100,7 +102,8 @@ CLASS = {
     "link": "link", "linkat": "link", "symlink": "symlink", "symlinkat": "symlink",
     "chmod": "chmod", "fchmod": "chmod", "fchmodat": "chmod", "chown": "chown",
     "lchown": "chown", "fchown": "chown", "fchownat": "chown", "utimensat": "utime",
-    "utimes": "utime", "utime": "utime", "futimesat": "utime",
+    "utimes": "utime", "utime": "utime", "futimesat": "utime", "openat2": "open",
+    "fchmodat2": "chmod",
 }  # fmt: skip
 
 
@@ -197,6 +200,12 @@ def on_stop(emit: Callable[[bytes], None], pid: int, tid: int, args: Sequence[in
     """Handle one file-syscall seccomp stop; True when a record was sent."""
     name = _NAMES[tag - TAG_BASE]
     first, second, flags_arg = SYSCALLS[name]
+    how = 0
+    if name == "openat2":  # struct open_how { u64 flags; ... }: the filter could not look
+        raw = _read(tid, args[2], 8)
+        how = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+        if not how & WRITE_FLAGS:
+            return False
     path = _path(tid, args, first)
     path2 = ""
     if second is not None:
@@ -205,7 +214,7 @@ def on_stop(emit: Callable[[bytes], None], pid: int, tid: int, args: Sequence[in
         path2 = os.fsdecode(read_cstr(tid, args[0]))
     if not under(path, roots) and not (second is not None and under(path2, roots)):
         return False
-    flags = int(args[flags_arg]) & 0xFFFFFFFF if flags_arg is not None else 0
+    flags = int(args[flags_arg]) & 0xFFFFFFFF if flags_arg is not None else how & 0xFFFFFFFF
     if name == "unlinkat" and flags & AT_REMOVEDIR:
         name = "rmdir"  # unlinkat(AT_REMOVEDIR) is rmdir
     emit(frame(R.FILEOP, now_ns, pid, tid, name, path, path2, flags))

@@ -212,12 +212,43 @@ def test_filter_traces_write_opens_and_file_syscalls_only_when_monitoring() -> N
     assert _run_bpf(prog, read_nr, x86, [0] * 6) == sc.SECCOMP_RET_ALLOW
     (connect, *_) = sc.syscall_numbers(x86, "connect")
     assert _run_bpf(prog, connect, x86, [0] * 6) == trace | 1  # TAG_CONNECT still there
+    # openat2's flags are behind a pointer: every call stops (the tracer drops read-only
+    # ones); fchmodat2 (Linux 6.6) is in the table, on i386 too
+    for arch, name in ((x86, "openat2"), (x86, "fchmodat2"), (i386, "openat2"),
+                       (i386, "fchmodat2")):  # fmt: skip
+        for nr in sc.syscall_numbers(arch, name):
+            assert ft.is_file_tag(_run_bpf(prog, nr, arch, [0] * 6) & 0xFFFF), (arch, name)
+
+
+def test_aarch64_filter_traces_the_at_forms_with_the_same_flag_check() -> None:
+    from lw_embed.kernel import seccomp as sc
+    from lw_embed.sources import filetrace as ft
+    from lw_embed.sources.tracer import TracerOptions, seccomp_rules
+
+    arm = sc.AUDIT_ARCH_AARCH64
+    rules = seccomp_rules(TracerOptions(4096, 256, True, file_roots=("/app",)))
+    prog = sc.build_trace_filter(rules, (arm,))
+    trace = sc.SECCOMP_RET_TRACE
+    assert sc.syscall_numbers(arm, "openat") == [56]
+    assert _run_bpf(prog, 56, arm, [0, 0, os.O_RDONLY, 0, 0, 0]) == sc.SECCOMP_RET_ALLOW
+    got = _run_bpf(prog, 56, arm, [0, 0, os.O_WRONLY | os.O_CREAT, 0, 0, 0])
+    assert got & 0xFFFF0000 == trace and ft._NAMES[(got & 0xFFFF) - ft.TAG_BASE] == "openat"
+    for name, nr in (("unlinkat", 35), ("renameat2", 276), ("mkdirat", 34),
+                     ("fchmodat", 53), ("fchownat", 54), ("utimensat", 88), ("linkat", 37),
+                     ("symlinkat", 36), ("openat2", 437), ("fchmodat2", 452)):  # fmt: skip
+        got = _run_bpf(prog, nr, arm, [0] * 6)
+        assert ft._NAMES[(got & 0xFFFF) - ft.TAG_BASE] == name, name
+    assert sc.syscall_numbers(arm, "unlink") == []  # no legacy path calls on arm64
+    assert _run_bpf(prog, 63, arm, [0] * 6) == sc.SECCOMP_RET_ALLOW  # read
+    assert _run_bpf(prog, 203, arm, [0] * 6) == trace | 1  # connect
 
 
 def test_trace_roots_follow_the_config() -> None:
     from lw_embed.sources.filetrace import trace_roots
 
-    assert trace_roots(config_from_dict({})) == ()
+    dflt = {os.path.realpath(r.path) for r in DEFAULT_FILE_RULES}
+    assert set(trace_roots(config_from_dict({}))) == dflt  # monitoring is on by default
+    assert trace_roots(config_from_dict({"files": {"enabled": False}})) == ()
     on = config_from_dict({"files": {"enabled": True, "rules": [{"path": "/srv"}]}})
     assert trace_roots(on) == (os.path.realpath("/srv"),)
     off = config_from_dict({"files": {"enabled": True, "trace": False,
