@@ -183,7 +183,7 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "backend.token": args.token or env.get("LW_EMBED_TOKEN"),
         "signals.pgroup": True if args.pgroup else None,
     })  # fmt: skip
-    cfg = _with_watch(cfg, args.watch)
+    cfg = _with_watch(cfg, args.watch, defaults=True)
     _setup_logging(cfg.agent.log_level, "core")
     from lw_embed.runtime import init
 
@@ -194,10 +194,10 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return init.run(opts, env)
 
 
-def _with_watch(cfg: Config, paths: Sequence[str]) -> Config:
+def _with_watch(cfg: Config, paths: Sequence[str], defaults: bool) -> Config:
     from lw_embed.pipeline.filerules import with_watch
 
-    return with_watch(cfg, paths)
+    return with_watch(cfg, paths, defaults)
 
 
 def _sidecar(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -207,7 +207,8 @@ def _sidecar(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "backend.url": args.backend or env.get("LW_EMBED_BACKEND"),
         "backend.token": args.token or env.get("LW_EMBED_TOKEN"),
     })  # fmt: skip
-    cfg = _with_watch(cfg, args.watch)
+    # the default trees would be the sidecar's own image: only what --watch names
+    cfg = _with_watch(cfg, args.watch, defaults=False)
     _setup_logging(cfg.agent.log_level, "sidecar")
     from lw_embed.runtime import sidecar
 

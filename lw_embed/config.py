@@ -374,7 +374,7 @@ DEFAULT_FILE_RULES: tuple[FileRule, ...] = (
 class FilesConfig:
     """``[files]``: file integrity monitoring with who-data (lw_embed.sources.files)."""
 
-    enabled: bool = False
+    enabled: bool = True
     default_rules: bool = True  # no [[files.rules]]: use DEFAULT_FILE_RULES
     rules: tuple[FileRule, ...] = ()
     trace: bool = True  # wrapper mode: trace the file syscalls for who-data

@@ -172,10 +172,13 @@ class Baseline:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        #: why an unusable database was moved aside and a new one started ("" = it was not)
+        self.reset = ""
         try:
             self.db = self._open(path)
         except sqlite3.DatabaseError as exc:
             log.warning("file baseline %s unusable (%s): starting a new one", path, exc)
+            self.reset = str(exc)
             with contextlib.suppress(OSError):
                 os.replace(path, path + ".corrupt")
             self.db = self._open(path)

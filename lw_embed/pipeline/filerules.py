@@ -1,8 +1,8 @@
 """File-monitoring rules, compiled: which paths are monitored, by which rule, for what.
 
 Interface: none (pure Python over ``[[files.rules]]``, see :class:`lw_embed.config.FileRule`;
-roots are canonicalised once with :func:`os.path.realpath` so they compare with the paths
-the kernel and ``/proc/<pid>/cwd`` give).
+roots are canonicalised once with :func:`canonical` so they compare with the paths the
+kernel and ``/proc/<pid>/cwd`` give; two rules on one canonical root are one: the first).
 
 Semantics: a path belongs to the rule with the longest root that contains it. Its depth is
 the number of components below the root (a file directly in the root has depth 1); a rule
@@ -78,8 +78,23 @@ class CompiledRule:
         return False
 
 
+_PROC_ROOT = re.compile(r"/proc/(?:\d+|self)/root(?=/|$)")
+
+
+def canonical(path: str) -> str:
+    """``realpath(path)``, except below a ``/proc/<pid>/root`` prefix (a sidecar's view of
+    another mount namespace): seen from here that magic link reads as our own ``/``, so
+    the prefix is kept and only the rest is normalised (the kernel resolves it in the
+    target's root when the path is opened)."""
+    m = _PROC_ROOT.match(path)
+    if m is None:
+        return os.path.realpath(path)
+    rest = os.path.normpath("/" + path[m.end():].lstrip("/"))
+    return m.group(0) + (rest if rest != "/" else "")
+
+
 def compile_rule(rule: FileRule) -> CompiledRule:
-    root = os.path.realpath(rule.path)
+    root = canonical(rule.path)
     depth = 1 if not rule.recursive else rule.max_depth
     return CompiledRule(
         name=rule.name or rule.path,
@@ -100,7 +115,11 @@ class RuleSet:
     __slots__ = ("_secret_name", "_secret_path", "rules")
 
     def __init__(self, rules: Sequence[FileRule], secret_paths: Sequence[str] = ()) -> None:
-        compiled = [compile_rule(r) for r in rules]
+        compiled: list[CompiledRule] = []
+        for r in rules:  # /bin and /usr/bin are one tree on a usr-merged image: keep one
+            c = compile_rule(r)
+            if all(c.root != o.root for o in compiled):
+                compiled.append(c)
         # longest root first: the most specific rule wins
         self.rules: tuple[CompiledRule, ...] = tuple(
             sorted(compiled, key=lambda r: len(r.root), reverse=True)
@@ -144,15 +163,16 @@ class RuleSet:
         return any(r.contains(path) for r in self.rules)
 
 
-def with_watch(cfg: Config, paths: Sequence[str]) -> Config:
+def with_watch(cfg: Config, paths: Sequence[str], defaults: bool = True) -> Config:
     """``cfg`` with file monitoring on and one recursive, every-action rule per path
     (``--watch PATH``); relative paths are made absolute. The rules of the config stay;
-    the default rules stay only when monitoring was already enabled."""
+    the default rules stay when monitoring was enabled and ``defaults`` (false for a
+    sidecar, whose default trees would be its own image's)."""
     if not paths:
         return cfg
     data = config_to_dict(cfg)
     files = data["files"]
-    defaults = files["enabled"] and files["default_rules"]
+    defaults = defaults and files["enabled"] and files["default_rules"]
     rules = list(files["rules"]) or (config_to_dict_rules(DEFAULT_FILE_RULES) if defaults else [])
     for p in paths:
         rules.append({"path": os.path.abspath(p), "name": f"watch:{p}",

@@ -46,7 +46,7 @@ from lw_embed.runtime.supervisor import (
     drain_budget,
     wait_reports,
 )
-from lw_embed.sources.filetrace import trace_roots
+from lw_embed.sources.filetrace import trace_aliases, trace_roots
 from lw_embed.sources.tracer import Tracer, TracerOptions, ptrace_options, seccomp_rules
 
 log = logging.getLogger("lw_embed.core")
@@ -166,6 +166,7 @@ class Core:
             trace_connect=cfg.tracer.trace_connect,
             faults=self.opts.faults,
             file_roots=trace_roots(cfg),
+            file_aliases=trace_aliases(cfg),
         )
         rules = seccomp_rules(topts)
         caps = probe.probe(cfg.tracer.mode, cfg.tracer.seccomp, cfg.tracer.no_new_privs,

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from lw_embed.config import Config
+from lw_embed.pipeline.filerules import canonical
 
 MD5_CACHE = 256
 
@@ -118,4 +119,4 @@ def dpkg_owners(cfg: Config) -> DpkgOwners | None:
     root = cfg.packages.root
     if not os.path.isdir(os.path.join(root, "var/lib/dpkg/info")):
         return None
-    return DpkgOwners([os.path.realpath(r.path) for r in cfg.files.effective_rules()], root)
+    return DpkgOwners([canonical(r.path) for r in cfg.files.effective_rules()], root)

@@ -146,6 +146,8 @@ class FilesSource:
         now = mono()
         self._next_periodic = now + cfg.periodic_interval
         self._anchors: set[str] = set()
+        if self.baseline.reset:  # changes made while stopped can no longer be told apart
+            self.degraded("baseline_corrupt", "rebaseline", baseline_path, self.baseline.reset)
         self._setup_roots(startup=True)
 
     # -- the seam -------------------------------------------------------------------------
@@ -280,8 +282,17 @@ class FilesSource:
                 report = self.baseline.meta("root:" + root) is not None
                 self.scanner.add(Job(root, report, "scan", rule=rule))
             elif root not in self.missing:
-                self.missing.add(root)
-                self.degraded("root_missing", "retry", root, "not a directory")
+                self._missing(root, "not a directory")
+
+    def _missing(self, root: str, why: str) -> None:
+        """A root that is not there: its parent (when it exists) is watched, so the root
+        is set up the moment it appears (``mkdir /root/.ssh``), not at the next periodic
+        check."""
+        self.missing.add(root)
+        self.degraded("root_missing", "retry", root, why)
+        parent = os.path.dirname(root)
+        if parent not in self._anchors and os.path.isdir(parent) and self.watch(parent):
+            self._anchors.add(parent)
 
     def rescan(self, reason: str, detail: str = "") -> None:
         """Scan every tree again against the baseline (after lost events)."""
@@ -337,8 +348,7 @@ class FilesSource:
         if not ev.name and mask & ino.IN_DELETE_SELF:
             if any(r.root == path for r in self.rules.rules):
                 self._deleted(path, True, out)
-                self.missing.add(path)
-                self.degraded("root_missing", "retry", path, "deleted")
+                self._missing(path, "deleted")
             return
         rule = self.rule_of(path)
         if rule is None:
@@ -346,6 +356,8 @@ class FilesSource:
         isdir = bool(mask & ino.IN_ISDIR)
         if mask & ino.IN_CREATE:
             self.touch(path, rule, "create", now, wall)
+            if isdir and path in self.missing:  # a missing root appeared (see _missing)
+                self.missing.discard(path)
             if isdir:
                 self.scanner.add(Job(path, True, "inotify", rule=rule, since=self._since(wall)),
                                  urgent=True)
@@ -503,7 +515,7 @@ class FilesSource:
         if recorded and new is not None and stat.S_ISREG(new.mode) and algo:
             digest = new.hash if algo == self.cfg.hash_algorithm else None
             if digest is None and not self.rules.is_secret(path):
-                digest = self._hash_file(path, algo)[0]
+                digest = self.hasher(path, algo).finish()[0]
             if digest is not None:
                 kw["package_digest_mismatch"] = digest != recorded
 
@@ -634,20 +646,32 @@ class FilesSource:
         elif op.cls in WHO_FOR["delete"] and path in self.pending:
             self._deleted(path, False, [], detected_by="syscall", t=op.t)
 
+SIDECAR_NO_DEFAULTS = ("sidecar: the default trees would be this container's own; "
+                       "--watch /proc/<pid>/root/PATH or [[files.rules]] name the workload's")
+
+
+def _traced(cfg: Any, mode: str) -> bool:
+    """Whether the tracer sends this mode's file syscalls (attribution ``syscall``)."""
+    tc = cfg.tracer
+    return bool(mode == "wrapper" and cfg.files.trace and tc.seccomp != "off"
+                and tc.mode != "procfs")
+
+
 def probe(cfg: Any, mode: str) -> tuple[str, str]:
     """(technique, reason) for ``lw-embed env --mode``: the rules and inotify's limits."""
     fc: FilesConfig = cfg.files
     if not fc.enabled:
-        return "none", "[files] enabled = false (turn on, or --watch PATH)"
+        return "none", "[files] enabled = false (--watch PATH monitors a tree)"
     rules = fc.effective_rules()
     if not rules:
         return "none", "no [[files.rules]] and default_rules = false"
+    if mode == "sidecar" and not fc.rules:
+        return "none", SIDECAR_NO_DEFAULTS
     try:
         ino.Inotify().close()
     except OSError as exc:
         return "scan", f"inotify unavailable ({exc}): periodic scans only"
-    tc = cfg.tracer
-    traced = mode == "wrapper" and fc.trace and tc.seccomp != "off" and tc.mode != "procfs"
+    traced = _traced(cfg, mode)
     lim = ino.limits()
     return "inotify", (f"{len(rules)} rules, max_user_watches {lim.get('max_user_watches', '?')}"
                        f"; attribution {'syscall' if traced else 'heuristic'}")  # fmt: skip
@@ -656,11 +680,10 @@ def probe(cfg: Any, mode: str) -> tuple[str, str]:
 def factory(ctx: Any) -> FilesSource | None:
     """The ``files`` source of the worker (None when ``[files] enabled`` is false)."""
     fc: FilesConfig = ctx.config.files
-    if not fc.enabled or not fc.effective_rules():
+    if not fc.enabled or not fc.effective_rules() or (ctx.mode == "sidecar" and not fc.rules):
         return None
     path = fc.baseline or os.path.join(ctx.data_dir, "files", "baseline.sqlite")
-    tc = ctx.config.tracer
-    traced = ctx.mode == "wrapper" and fc.trace and tc.seccomp != "off" and tc.mode != "procfs"
+    traced = _traced(ctx.config, ctx.mode)
     return FilesSource(fc, ctx.table, path, proc=ctx.proc, traced=traced, wall=ctx.wall,
                        mono=ctx.mono, ignore=(ctx.data_dir, os.path.dirname(path)),
                        own_pids=(ctx.core_pid,), owners=dpkg_owners(ctx.config))  # fmt: skip

@@ -249,14 +249,16 @@ class Scanner:
                 src.baseline.put(new)  # the same file: a fresh no-rehash key (or its hash)
             return
         src.baseline.put(new)
-        if job.report and diff in rule.actions:
+        # a path already in the baseline is reported even when the first scan of its root
+        # never finished (the agent stopped during it): only unrecorded paths are quiet
+        if (job.report or old is not None) and diff in rule.actions:
             src.queue(src.change(path, diff, rule, old, new, "scan", wall, skipped), now)
 
     def _gone(self, path: str, job: Job, rule: CompiledRule, now: float) -> None:
         src = self.src
         old = src.baseline.get(path)
         gone = src.baseline.delete_tree(path)
-        if job.report and "delete" in rule.actions:
+        if (job.report or old is not None) and "delete" in rule.actions:
             wall = src.wall()
             for q in gone:
                 kw = src.change(q, "delete", rule, old if q == path else None, None, "scan", wall)

@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from lw_embed.config import Config
 from lw_embed.kernel import ptrace as pt
 from lw_embed.kernel import seccomp
+from lw_embed.pipeline.filerules import canonical
 from lw_embed.records import R, frame
 
 O_WRONLY, O_RDWR, O_CREAT, O_TRUNC = 0o1, 0o2, 0o100, 0o1000
@@ -195,8 +196,18 @@ def under(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r if r.endswith("/") else r + "/") for r in roots)
 
 
+def _canon(path: str, aliases: Sequence[tuple[str, str]]) -> str:
+    """``path`` with a symlinked root's prefix (``/bin`` on a usr-merged image) replaced by
+    the root it resolves to, so that it joins the inotify event of the same file."""
+    for alias, real in aliases:
+        if path == alias or path.startswith(alias + "/"):
+            return real + path[len(alias):]
+    return path
+
+
 def on_stop(emit: Callable[[bytes], None], pid: int, tid: int, args: Sequence[int], tag: int,
-            roots: Sequence[str], now_ns: int) -> bool:  # fmt: skip
+            roots: Sequence[str], now_ns: int,
+            aliases: Sequence[tuple[str, str]] = ()) -> bool:  # fmt: skip
     """Handle one file-syscall seccomp stop; True when a record was sent."""
     name = _NAMES[tag - TAG_BASE]
     first, second, flags_arg = SYSCALLS[name]
@@ -212,6 +223,10 @@ def on_stop(emit: Callable[[bytes], None], pid: int, tid: int, args: Sequence[in
         path2 = _path(tid, args, second)
     elif name in ("symlink", "symlinkat"):
         path2 = os.fsdecode(read_cstr(tid, args[0]))
+    if aliases:
+        path = _canon(path, aliases)
+        if second is not None:
+            path2 = _canon(path2, aliases)
     if not under(path, roots) and not (second is not None and under(path2, roots)):
         return False
     flags = int(args[flags_arg]) & 0xFFFFFFFF if flags_arg is not None else how & 0xFFFFFFFF
@@ -227,4 +242,18 @@ def trace_roots(cfg: Config) -> tuple[str, ...]:
     fc = cfg.files
     if not fc.enabled or not fc.trace:
         return ()
-    return tuple(sorted({os.path.realpath(r.path) for r in fc.effective_rules()}))
+    return tuple(sorted({canonical(r.path) for r in fc.effective_rules()}))
+
+
+def trace_aliases(cfg: Config) -> tuple[tuple[str, str], ...]:
+    """(symlinked root as configured, the root it resolves to) for the rules whose path
+    goes through a symlink: the tracer rewrites such prefixes before its root test."""
+    if not trace_roots(cfg):
+        return ()
+    out = set()
+    for r in cfg.files.effective_rules():
+        given = os.path.normpath(os.path.abspath(r.path))
+        real = canonical(r.path)
+        if given != real:
+            out.add((given, real))
+    return tuple(sorted(out, key=lambda a: len(a[0]), reverse=True))

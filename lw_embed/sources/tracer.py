@@ -69,6 +69,8 @@ class TracerOptions:
     faults: frozenset[str] = frozenset()
     #: file monitoring's roots (lw_embed.sources.filetrace); () = file syscalls untraced
     file_roots: tuple[str, ...] = ()
+    #: (symlinked root, its real path) pairs, rewritten before the roots test
+    file_aliases: tuple[tuple[str, str], ...] = ()
 
 
 def seccomp_rules(opts: TracerOptions) -> list[seccomp.Rule]:
@@ -342,7 +344,8 @@ class Tracer:
                 self._on_bind_listen(tid, arch, nr, args, data)
             elif filetrace.is_file_tag(data):
                 filetrace.on_stop(self._emit, self.tasks.get(tid, tid), tid, args, data,
-                                  self._opts.file_roots, time.time_ns())  # fmt: skip
+                                  self._opts.file_roots, time.time_ns(),
+                                  self._opts.file_aliases)  # fmt: skip
             return
         fd, addr, alen = args[0], args[1], args[2]
         if arch == seccomp.AUDIT_ARCH_I386 and nr in _I386_SOCKETCALL:

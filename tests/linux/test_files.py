@@ -315,6 +315,66 @@ def test_a_file_that_grows_past_the_limit_while_hashed_is_too_large(tmp_path: Pa
     assert Hasher(str(f), "sha256", 4000).finish()[1] == "not_regular"
 
 
+def test_a_missing_root_is_set_up_as_soon_as_it_appears(tmp_path: Path, w: Path) -> None:
+    ssh = w / ".ssh"  # absent, like /root/.ssh in most images; the periodic check is far
+    src = make_src(tmp_path, [{"path": str(ssh)}], periodic_interval=3600)
+    first = settle(src)
+    assert [e["reason"] for e in first if e["kind"] == "agent.degraded"] == ["root_missing"]
+    ssh.mkdir()
+    (ssh / "authorized_keys").write_text("ssh-ed25519 AAAA attacker")
+    evs = pump(src, lambda evs: any(e.get("path") == f"{ssh}/authorized_keys"
+                                    for e in changes(evs)), timeout=10)  # fmt: skip
+    got = {(e["action"], e["path"], e["detected_by"]) for e in changes(evs)}
+    assert ("create", f"{ssh}/authorized_keys", "inotify") in got, got
+    (ssh / "authorized_keys").write_text("ssh-ed25519 AAAA attacker2")
+    evs = pump(src, lambda evs: any(e["action"] == "modify" for e in changes(evs)), timeout=10)
+    assert [e["path"] for e in changes(evs) if e["action"] == "modify"] == [
+        f"{ssh}/authorized_keys"]  # now watched: real time from here on
+    src.close()
+
+
+def test_changes_to_recorded_files_are_reported_after_an_interrupted_first_scan(
+        tmp_path: Path, w: Path) -> None:  # fmt: skip
+    for i in range(40):
+        (w / f"f{i:02d}").write_text(str(i))
+    rules = [{"path": str(w)}]
+    src = make_src(tmp_path, rules, scan_files_per_s=20)  # 2 s for the tree: stop midway
+    end = time.monotonic() + 30
+    while src.baseline.count() < 5 and time.monotonic() < end:
+        src.poll(time.monotonic())
+        time.sleep(0.02)
+    assert src.scanner.busy, "the first scan finished: the test did not interrupt it"
+    src.close()
+    recorded = sorted(p for p in baseline_paths(tmp_path) if p != str(w))
+    assert recorded, "nothing was recorded before the stop"
+    victim = recorded[0]
+    Path(victim).write_text("tampered while the agent was stopped")
+    src = make_src(tmp_path, rules)
+    evs = changes(settle(src))
+    assert [(e["action"], e["path"]) for e in evs] == [("modify", victim)], evs
+    src.close()
+
+
+def baseline_paths(tmp: Path) -> list[str]:
+    from lw_embed.pipeline.baseline import Baseline
+
+    b = Baseline(str(tmp / "state" / "baseline.sqlite"))
+    try:
+        return list(b.all())
+    finally:
+        b.close()
+
+
+def test_a_corrupt_baseline_is_reported_not_just_logged(tmp_path: Path, w: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "baseline.sqlite").write_bytes(b"scrambled by someone" * 200)
+    src = make_src(tmp_path, [{"path": str(w)}])
+    evs = settle(src)
+    deg = [e for e in evs if e["kind"] == "agent.degraded" and e["reason"] == "baseline_corrupt"]
+    assert len(deg) == 1 and deg[0]["action"] == "rebaseline", evs
+    src.close()
+
+
 def test_moves_in_out_and_within_and_recreated_dirs(tmp_path: Path, w: Path) -> None:
     outside = tmp_path / "outside"
     (outside / "tree" / "sub").mkdir(parents=True)

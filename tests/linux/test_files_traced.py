@@ -50,6 +50,8 @@ def agent(tmp: Path, cmd: list[str], watch: Path | None, config: str = "",
           ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:  # fmt: skip
     tmp.mkdir(exist_ok=True)
     cfg = tmp / "lw.toml"
+    if "[files]" not in config:  # only what the test watches, not the default trees too
+        config = "[files]\ndefault_rules = false\n" + config
     # a loaded machine starves the worker (nice 10): give it time to drain at the end
     cfg.write_text(config + "[shutdown]\ngrace = 120\nflush = 60\n[aggregate.keys]\n")
     args = [sys.executable, "-m", "lw_embed", "run", "--output", str(tmp / "out"),
@@ -155,6 +157,21 @@ def test_openat2_and_fchmodat2_are_attributed_and_read_only_openat2_dropped(
     # 50 read-only openat2: each stopped (BPF cannot see their flags) and sent nothing
     assert _seccomp_stops(evs) >= 51
     assert not [e for e in mine if e["action"] not in ("create", "attrib")]
+
+
+def test_a_write_through_a_symlinked_root_is_attributed(tmp_path: Path) -> None:
+    """/bin -> usr/bin on a usr-merged image: the rule names the link, inotify watches the
+    target, the workload writes through the link; the traced path must join."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    cfg = f'[files]\ndefault_rules = false\n[[files.rules]]\npath = "{link}"\n'
+    # (--watch of the target too: only so that the workload waits for the watch)
+    _, evs = agent(tmp_path / "a", ["sh", "-c", f"echo x > {link}/viasym"], real, cfg)
+    (ev,) = [e for e in _changes(evs) if e["path"].endswith("/viasym")]
+    assert ev["path"] == f"{real.resolve()}/viasym"
+    assert ev["attribution"] == "syscall" and ev["action"] == "create"
 
 
 WRITES = "i=0; while [ $i -lt 200 ]; do : > {f}; i=$((i+1)); done"

@@ -137,6 +137,45 @@ def test_a_baseline_without_the_ctime_column_is_upgraded_in_place(tmp_path: Path
     b.close()
 
 
+def test_canonical_keeps_a_proc_root_prefix_and_rules_on_one_root_are_one(
+        tmp_path: Path) -> None:  # fmt: skip
+    from lw_embed.pipeline.filerules import canonical
+
+    # realpath would read /proc/1/root as this process's own "/" (another mount namespace)
+    assert canonical("/proc/1/root/app/../etc//x") == "/proc/1/root/etc/x"
+    assert canonical("/proc/self/root/") == "/proc/self/root"
+    assert canonical("/proc/12/rootfs/a") == os.path.realpath("/proc/12/rootfs/a")
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert canonical(str(tmp_path / "link")) == str(real.resolve())
+    rs = RuleSet([FileRule(str(tmp_path / "link"), "first"), FileRule(str(real), "second")])
+    assert [r.name for r in rs.rules] == ["first"]  # /bin and /usr/bin: scanned once
+
+
+def test_sidecar_watch_leaves_the_default_trees_out() -> None:
+    from lw_embed.pipeline.filerules import with_watch
+
+    cfg = with_watch(config_from_dict({}), ["/proc/1/root/app"], defaults=False)
+    assert [r.path for r in cfg.files.effective_rules()] == ["/proc/1/root/app"]
+
+
+def test_trace_aliases_map_a_symlinked_root_to_its_target(tmp_path: Path) -> None:
+    from lw_embed.sources.filetrace import _canon, trace_aliases, trace_roots
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    cfg = config_from_dict({"files": {"rules": [{"path": str(tmp_path / "link")}]}})
+    assert trace_roots(cfg) == (str(real.resolve()),)
+    aliases = trace_aliases(cfg)
+    assert aliases == ((str(tmp_path / "link"), str(real.resolve())),)
+    assert _canon(f"{tmp_path}/link/x/y", aliases) == f"{real.resolve()}/x/y"
+    assert _canon(f"{tmp_path}/linkage", aliases) == f"{tmp_path}/linkage"
+    off = config_from_dict({"files": {"enabled": False}})
+    assert trace_aliases(off) == ()
+
+
 def test_corrupt_baseline_is_moved_aside(tmp_path: Path) -> None:
     p = tmp_path / "b.sqlite"
     p.write_bytes(b"this is not a database" * 100)
@@ -160,8 +199,13 @@ def test_watch_option_adds_a_rule_and_enables_monitoring(tmp_path: Path) -> None
     assert cfg.files.enabled
     assert [r.path for r in cfg.files.effective_rules()] == ["/etc", str(tmp_path)]
     assert set(cfg.files.rules[-1].actions) == {"create", "modify", "attrib", "delete", "rename"}
-    # off by default: --watch alone monitors just its paths, not the default set
-    only = with_watch(config_from_dict({}), ["rel"])
+    # monitoring on by default: --watch adds to the default trees
+    dflt = with_watch(config_from_dict({}), ["rel"])
+    assert [r.path for r in dflt.files.effective_rules()] == [
+        *(r.path for r in DEFAULT_FILE_RULES), os.path.abspath("rel")]
+    # turned off in the config: --watch alone monitors just its paths, not the default set
+    only = with_watch(config_from_dict({"files": {"enabled": False}}), ["rel"])
+    assert only.files.enabled
     assert [r.path for r in only.files.effective_rules()] == [os.path.abspath("rel")]
 
 
