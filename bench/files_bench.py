@@ -7,11 +7,20 @@ Usage: ``.venv/bin/python bench/files_bench.py [--quick] [--repeat N] [--json]``
    CLOCK_REALTIME stamps (so the agent's start-up and shutdown are not in it), as a ratio
    to native, in these variants:
 
-   * ``off``       -- ``lw-embed run`` with file monitoring off (the default);
-   * ``watched``   -- ``lw-embed run --watch DIR``: every create and unlink is a traced
-     syscall (two seccomp stops per file), an inotify event, a baseline update;
-   * ``unwatched`` -- monitoring on for another directory: the stops happen (the filter
-     cannot know the path) and the core drops them on its prefix test.
+   * ``off``       -- ``lw-embed run`` with ``[files] enabled = false``;
+   * ``default``   -- ``lw-embed run`` as shipped: monitoring on for the default trees
+     (/etc, /usr/bin, ...), DIR outside them: every create and unlink still stops (the
+     filter cannot know the path) and the core drops it on its prefix test; the
+     start-up scan of the default trees runs meanwhile;
+   * ``watched``   -- ``lw-embed run --watch DIR`` (default trees off, to measure DIR
+     alone): every create and unlink is a traced syscall (two seccomp stops per file),
+     an inotify event, a baseline update;
+   * ``unwatched`` -- ``--watch`` of another directory (default trees off): the stops
+     alone;
+   * ``strace``    -- context, when strace is installed: ``strace --seccomp-bpf -f -e
+     trace=openat,unlink -o /dev/null``, a C tracer stopping on the same two syscalls
+     (twice each: the seccomp stop and the syscall exit). It bounds what any ptrace-based
+     who-data can cost here: its time per stop is the kernel's and the VM's, not Python's.
 
    Under the agent the workload first waits (outside its timed part) until the worker
    watches the directory. Target: ``watched`` <= 1.6x native (pdig: ~4x, 0.245 of native).
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -68,19 +78,25 @@ def run_d(tmp: Path, exe: Path, n: int, variant: str) -> float:
     other = tmp / "other"
     other.mkdir(exist_ok=True)
     work = [str(exe), str(n), str(d)]
+    env = dict(os.environ)
     if variant == "native":
         cmd = work
+    elif variant == "strace":
+        cmd = ["strace", "--seccomp-bpf", "-f", "-qq", "-e", "trace=openat,unlink", "-o",
+               "/dev/null", *work]  # fmt: skip
     else:
         run = tempfile.mkdtemp(prefix="run-", dir=tmp)
         cmd = [sys.executable, "-m", "lw_embed", "run", "--output", f"{run}/out",
                "--data-dir", f"{run}/data"]  # fmt: skip
-        if variant != "off":
+        env["LW_EMBED_FILES_ENABLED"] = "0" if variant == "off" else "1"
+        if variant in ("watched", "unwatched"):
+            env["LW_EMBED_FILES_DEFAULT_RULES"] = "0"
             target = d if variant == "watched" else other
             cmd += ["--watch", str(target), "--", sys.executable, str(_wait_helper(tmp)),
                     str(target), *work]  # fmt: skip
         else:
             cmd += ["--", *work]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{variant}: exit {r.returncode}: {r.stderr[-2000:]}")
     t0, t1 = (int(x) for x in r.stdout.split()[-2:])
@@ -169,10 +185,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lw-files-bench-") as t:
         tmp = Path(t)
         exe = build(tmp)
-        variants = ["native", "off", "watched", "unwatched"]
+        variants = ["native", "off", "default", "watched", "unwatched"]
+        if shutil.which("strace"):
+            variants.append("strace")
         times: dict[str, list[float]] = {v: [] for v in variants}
+        k = len(variants)
         for i in range(repeat):
-            for v in variants[i % 4:] + variants[: i % 4]:  # rotate the order
+            for v in variants[i % k:] + variants[: i % k]:  # rotate the order
                 times[v].append(run_d(tmp, exe, n, v))
         med = {v: statistics.median(ts) for v, ts in times.items()}
         best = {v: min(ts) for v, ts in times.items()}
@@ -189,8 +208,10 @@ def main() -> int:
     else:
         print(f"(d) {n:,} create+close+unlink, work time, median of {repeat}:")
         for v, s in res["d_work_s"].items():
+            extra = (s - res["d_work_s"]["native"]) / n * 1e6
             ratio = "" if v == "native" else (f"  {res['d_ratio'][v]:.2f}x native (best runs: "
-                                              f"{res['d_ratio_best'][v]:.2f}x)")
+                                              f"{res['d_ratio_best'][v]:.2f}x), "
+                                              f"{extra:+.1f} us per file")  # fmt: skip
             print(f"  {v:10s} {s * 1000:8.1f} ms{ratio}")
         sc = res["scan"]
         print(f"baseline scan: {sc['entries']:,} entries in {sc['wall_s']:.2f} s = "
