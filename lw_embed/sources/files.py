@@ -8,7 +8,8 @@ baseline (:mod:`lw_embed.pipeline.baseline`); ``R.FILEOP`` records from the trac
 ``agent.degraded`` (docs/files.md, docs/schema.md). Parts: the watch table
 (:mod:`~lw_embed.sources.filewatch`), the rate-limited scanner
 (:mod:`~lw_embed.sources.filescan`), the who-data join (:mod:`~lw_embed.sources.fileattr`),
-package owners (:mod:`~lw_embed.sources.fileowners`).
+hashing and event fields (:mod:`~lw_embed.sources.filechange`), package owners
+(:mod:`~lw_embed.sources.fileowners`).
 
 How: a directory is watched before it is listed, and exclusions are decided before a
 watch is created. A new directory is watched, then scanned (what was created in it before
@@ -46,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -58,16 +58,14 @@ from lw_embed.events import AgentDegraded, Event, FileChange
 from lw_embed.kernel import inotify as ino
 from lw_embed.pipeline.baseline import (
     Baseline,
-    Entry,
-    Hasher,
     compare,
     entry_of,
-    same_content_key,
 )
 from lw_embed.pipeline.enrich import ProcessTable
 from lw_embed.pipeline.filerules import CompiledRule, RuleSet
 from lw_embed.records import R
 from lw_embed.sources.fileattr import WHO_FOR, Attribution, FileOp
+from lw_embed.sources.filechange import Changes
 from lw_embed.sources.fileowners import PackageOwners, dpkg_owners
 from lw_embed.sources.filescan import Bucket, Job, Scanner
 from lw_embed.sources.filewatch import Watches
@@ -119,7 +117,6 @@ class FilesSource:
         self.traced = traced
         self.wall = wall
         self.mono = mono
-        self.owners = owners
         self.own_pids = frozenset(own_pids) | {os.getpid()}
         self.ignore = tuple(p.rstrip("/") + "/" for p in ignore if p)
         self.rules = RuleSet(cfg.effective_rules(), cfg.secret_paths)
@@ -127,7 +124,6 @@ class FilesSource:
         self.ino = ino.Inotify()
         self.reads = any("read" in r.actions for r in self.rules.rules)
         self.mask = MASK | (ino.IN_CLOSE_NOWRITE if self.reads else 0)
-        self._own_reads: dict[str, int] = {}  # our own hashing opens (read monitoring)
         limit = ino.limits(proc).get("max_user_watches", 8192)
         self.budget = cfg.max_watches or max(1, limit // 2)
         self.w = Watches(self.ino, self.mask, self.budget, self.degraded)
@@ -143,6 +139,8 @@ class FilesSource:
                                self.counters, self.lost)  # fmt: skip
         self._degraded: dict[tuple[str, str], tuple[list[str], int, str]] = {}
         self.scanner = Scanner(self, Bucket(cfg.scan_files_per_s), Bucket(cfg.scan_bytes_per_s))
+        self.ch = Changes(cfg, self.rules, owners, self._count,
+                          lambda n: self.scanner.bytes.take(n, self.mono()), self.reads)
         now = mono()
         self._next_periodic = now + cfg.periodic_interval
         self._anchors: set[str] = set()
@@ -373,15 +371,9 @@ class FilesSource:
                 p.last, p.last_wall = now, wall
         if mask & ino.IN_ATTRIB:
             self.touch(path, rule, "attrib", now, wall)
-        if mask & ino.IN_CLOSE_NOWRITE and not isdir and "read" in rule.actions:
-            own = self._own_reads.get(path)
-            if own:  # the close of our own hashing open
-                if own == 1:
-                    del self._own_reads[path]
-                else:
-                    self._own_reads[path] = own - 1
-            else:
-                self.touch(path, rule, "read", now, wall)
+        if (mask & ino.IN_CLOSE_NOWRITE and not isdir and "read" in rule.actions
+                and not self.ch.own_read_closed(path)):  # not the close of our own hashing
+            self.touch(path, rule, "read", now, wall)
         if mask & ino.IN_MOVED_FROM:
             self._flush_path(path, out)
             self.moves[ev.cookie] = (path, isdir, now)
@@ -448,77 +440,6 @@ class FilesSource:
             self._deleted(path, isdir, out, moved_out=True)
 
     # -- changes --------------------------------------------------------------------------
-    def known_hash(self, path: str, st: os.stat_result, rule: CompiledRule,
-                   old: Entry | None) -> tuple[str | None, str | None] | None:  # fmt: skip
-        """(digest, skipped) when the file need not be read; None when it must be hashed."""
-        if not stat.S_ISREG(st.st_mode):
-            return None, None
-        if not rule.hash:
-            return None, "disabled"
-        if self.rules.is_secret(path):
-            return None, "secret"
-        if same_content_key(old, st):
-            return old.hash if old else None, None
-        return None
-
-    def hasher(self, path: str, algorithm: str = "") -> Hasher:
-        if self.reads and self.rule_of(path) is not None:  # our own read, not the workload's
-            self._own_reads[path] = self._own_reads.get(path, 0) + 1
-            if len(self._own_reads) > 100000:
-                self._own_reads.clear()
-        return Hasher(path, algorithm or self.cfg.hash_algorithm, self.cfg.hash_max_bytes)
-
-    def hashed(self, n: int) -> None:
-        self.scanner.bytes.take(n, self.mono())
-        self._count("hashed_bytes", n)
-
-    def hash_of(self, path: str, st: os.stat_result, rule: CompiledRule,
-                old: Entry | None) -> tuple[str | None, str | None]:  # fmt: skip
-        known = self.known_hash(path, st, rule, old)
-        if known is not None:
-            return known
-        digest, skipped, n = self.hasher(path).finish()
-        self.hashed(n)
-        return digest, skipped
-
-    def change(self, path: str, action: str, rule: CompiledRule, old: Entry | None,
-               new: Entry | None, detected_by: str, wall: int, hash_skipped: str | None = None,
-               **extra: Any) -> dict[str, Any]:  # fmt: skip
-        """The fields of one change's event (metadata from ``new``, else ``old``); the
-        event is built when it is released (:meth:`_release`), attribution included."""
-        e = new or old
-        kw: dict[str, Any] = {"time": wall, "path": path, "action": action, "rule": rule.name,
-                              "detected_by": detected_by, "hash_skipped": hash_skipped}
-        if e is not None:
-            kw.update(type=e.type, inode=e.inode, mode=e.mode, owner_uid=e.uid,
-                      owner_gid=e.gid, size=e.size, mtime=e.mtime)  # fmt: skip
-        if new is not None and new.hash:
-            kw.update(hash=new.hash, hash_algorithm=self.cfg.hash_algorithm)
-            if old is not None and old.hash != new.hash:
-                kw["previous_hash"] = old.hash
-        kw.update(extra)
-        if self.owners is not None and action in ("create", "modify", "rename", "delete"):
-            self._package(kw, new)
-        return kw
-
-    def _package(self, kw: dict[str, Any], new: Entry | None) -> None:
-        path = kw["path"]
-        try:
-            owner = self.owners.owner(path) if self.owners else None
-        except Exception:  # the index is someone else's: never let it break us
-            self._count("package_errors")
-            return
-        if owner is None:
-            return
-        label, algo, recorded = owner
-        kw["package"] = label
-        if recorded and new is not None and stat.S_ISREG(new.mode) and algo:
-            digest = new.hash if algo == self.cfg.hash_algorithm else None
-            if digest is None and not self.rules.is_secret(path):
-                digest = self.hasher(path, algo).finish()[0]
-            if digest is not None:
-                kw["package_digest_mismatch"] = digest != recorded
-
     def queue(self, kw: dict[str, Any], now: float, old_path: str | None = None) -> None:
         """Hold a change for the join grace, then attribute it and send it."""
         self._count(f"{kw['detected_by']}.{kw['action']}")
@@ -536,7 +457,7 @@ class FilesSource:
         new = None
         skipped = None
         if st is not None:
-            digest, skipped = self.hash_of(p.path, st, rule, old)
+            digest, skipped = self.ch.hash_of(p.path, st, rule, old)
             new = entry_of(p.path, st, digest)
             diff = compare(old, new)
             if p.action == "create" and old is not None and old.inode == new.inode:
@@ -550,7 +471,7 @@ class FilesSource:
         if action not in rule.actions and not (action == "create" and "moved_in" in p.actions):
             self._count("filtered_action")
             return
-        kw = self.change(p.path, action, rule, old, new, p.detected_by, p.last_wall, skipped,
+        kw = self.ch.fields(p.path, action, rule, old, new, p.detected_by, p.last_wall, skipped,
                          count=max(p.count, 1), first_seen=p.first_wall,
                          actions=tuple(a for a in p.actions if a != action))  # fmt: skip
         if p.who is not None:
@@ -571,9 +492,9 @@ class FilesSource:
         now = self.mono()
         for q in gone:
             if q != path:
-                self.queue(self.change(q, "delete", rule, None, None, detected_by, wall), now)
+                self.queue(self.ch.fields(q, "delete", rule, None, None, detected_by, wall), now)
         if "delete" in rule.actions:
-            kw = self.change(path, "delete", rule, old, None, detected_by, wall,
+            kw = self.ch.fields(path, "delete", rule, old, None, detected_by, wall,
                              actions=("moved_out",) if moved_out else ())
             kw["previous_hash"] = old.hash if old else None
             self.queue(kw, now)
@@ -600,10 +521,10 @@ class FilesSource:
         # the moved entry as it was: what changed since (chmod, write) is its own event
         entry = replace(prev, path=new) if prev else None
         if entry is None and st is not None:
-            entry = entry_of(new, st, self.hash_of(new, st, rule_new, None)[0])
+            entry = entry_of(new, st, self.ch.hash_of(new, st, rule_new, None)[0])
             self.baseline.put(entry)
         if "rename" in rule_new.actions:
-            kw = self.change(new, "rename", rule_new, prev, entry, "inotify", wall, old_path=old)
+            kw = self.ch.fields(new, "rename", rule_new, prev, entry, "inotify", wall, old_path=old)
             self.queue(kw, self.mono(), old_path=old)
 
     # -- attribution ------------------------------------------------------------------------

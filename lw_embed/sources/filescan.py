@@ -202,18 +202,18 @@ class Scanner:
             if old is None or old.inode != st.st_ino:
                 src.touch(path, rule, "create", now, src.wall())
             return
-        known = src.known_hash(path, st, rule, old)
+        known = src.ch.known_hash(path, st, rule, old)
         if known is None and st.st_size > HASH_STEP:
             job.outstanding += 1  # the job is not done before its last file is hashed
-            self._hashing = (src.hasher(path), path, st, rule, job, old)
+            self._hashing = (src.ch.hasher(path), path, st, rule, job, old)
             return
-        digest, skipped = known if known is not None else src.hash_of(path, st, rule, old)
+        digest, skipped = known if known is not None else src.ch.hash_of(path, st, rule, old)
         self._record(path, st, rule, job, old, digest, skipped, now)
 
     def _hash_step(self, now: float) -> None:
         assert self._hashing is not None
         h, path, st, rule, job, old = self._hashing
-        self.src.hashed(h.step(HASH_STEP))
+        self.src.ch.hashed(h.step(HASH_STEP))
         if h.result is None:
             return
         self._hashing = None
@@ -252,7 +252,7 @@ class Scanner:
         # a path already in the baseline is reported even when the first scan of its root
         # never finished (the agent stopped during it): only unrecorded paths are quiet
         if (job.report or old is not None) and diff in rule.actions:
-            src.queue(src.change(path, diff, rule, old, new, "scan", wall, skipped), now)
+            src.queue(src.ch.fields(path, diff, rule, old, new, "scan", wall, skipped), now)
 
     def _gone(self, path: str, job: Job, rule: CompiledRule, now: float) -> None:
         src = self.src
@@ -261,7 +261,8 @@ class Scanner:
         if (job.report or old is not None) and "delete" in rule.actions:
             wall = src.wall()
             for q in gone:
-                kw = src.change(q, "delete", rule, old if q == path else None, None, "scan", wall)
+                kw = src.ch.fields(q, "delete", rule, old if q == path else None, None, "scan",
+                                   wall)
                 src.queue(kw, now)
 
     def _deletions(self, d: str, job: Job, seen: set[str], now: float) -> None:
