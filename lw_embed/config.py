@@ -382,6 +382,7 @@ class FilesConfig:
     hash_max_bytes: int = field(default=67108864, metadata=_range(0, 1 << 40))
     secret_paths: tuple[str, ...] = (
         "/etc/shadow*", "/etc/gshadow*", "*/.ssh/id_*", "/etc/ssh/ssh_host_*_key", "*.key",
+        "/etc/ssl/private/*", ".env", ".env.*",  # not *.pem: CA certificates are hashed
     )  # fmt: skip
     baseline: str = ""  # "" = <data_dir>/files/baseline.sqlite
     scan_files_per_s: int = field(default=2000, metadata=_range(10, 10000000))

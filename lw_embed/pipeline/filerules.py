@@ -93,6 +93,15 @@ def canonical(path: str) -> str:
     return m.group(0) + (rest if rest != "/" else "")
 
 
+def _rebase(glob: str, given: str, root: str) -> str:
+    """A path exclude written against the rule's path as configured (``/app/cache/*`` with
+    ``/app`` a symlink) rewritten against the resolved root the paths are tested in."""
+    given = os.path.normpath(os.path.abspath(given))
+    if given != root and (glob == given or glob.startswith(given + "/")):
+        return root + glob[len(given):]
+    return glob
+
+
 def compile_rule(rule: FileRule) -> CompiledRule:
     root = canonical(rule.path)
     depth = 1 if not rule.recursive else rule.max_depth
@@ -104,7 +113,7 @@ def compile_rule(rule: FileRule) -> CompiledRule:
         hash=rule.hash,
         file_only=os.path.lexists(root) and not os.path.isdir(root),
         exclude_name=_glob_re(g for g in rule.exclude if "/" not in g),
-        exclude_path=_glob_re(g for g in rule.exclude if "/" in g),
+        exclude_path=_glob_re(_rebase(g, rule.path, root) for g in rule.exclude if "/" in g),
         prefix=root if root.endswith("/") else root + "/",
     )
 

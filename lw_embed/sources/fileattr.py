@@ -75,7 +75,7 @@ class Attribution:
         self.ops: dict[str, deque[FileOp]] = {}
         self.ops_order: deque[str] = deque()
         self.ops_dirs: dict[str, set[str]] = {}  # parent dir -> paths in self.ops
-        self._fd_index: dict[str, int] = {}
+        self._fd_index: dict[str, tuple[int, str]] = {}  # path -> (pid, fd)
         self._fd_index_at = -1e9
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -145,11 +145,11 @@ class Attribution:
         index is rebuilt at most every ``HEURISTIC_EVERY`` s (and bounded), so a burst of
         changes costs one /proc walk, not one per file."""
         now = self.mono()
-        pid = self._fd_index.get(path)
+        pid = self._holder(path)
         if pid is None and now - self._fd_index_at >= HEURISTIC_EVERY:
             self._fd_index_at = now
             self._fd_index = self._build_index()
-            pid = self._fd_index.get(path)
+            pid = self._holder(path)
         if pid is None:
             return None
         p = self.table.get(pid)
@@ -161,8 +161,23 @@ class Attribution:
         return {"attribution": "heuristic", "pid": pid, "exe": exe,
                 "exec_id": p.exec_id if p else None, "uid": p.uid if p else None}  # fmt: skip
 
-    def _build_index(self) -> dict[str, int]:
-        index: dict[str, int] = {}
+    def _holder(self, path: str) -> int | None:
+        """The pid of the index entry for ``path`` if it still holds the file open (the
+        index may be seconds old: the process may have closed it, or exited)."""
+        got = self._fd_index.get(path)
+        if got is None:
+            return None
+        pid, fd = got
+        try:
+            if os.readlink(f"{self.proc}/{pid}/fd/{fd}") == path:
+                return pid
+        except OSError:
+            pass
+        del self._fd_index[path]
+        return None
+
+    def _build_index(self) -> dict[str, tuple[int, str]]:
+        index: dict[str, tuple[int, str]] = {}
         budget = HEURISTIC_MAX_FDS
         try:
             pids = [int(n) for n in os.listdir(self.proc) if n.isdigit()]
@@ -186,5 +201,5 @@ class Attribution:
                 except OSError:
                     continue
                 if target.startswith("/"):
-                    index.setdefault(target, pid)
+                    index.setdefault(target, (pid, fd))
         return index

@@ -294,9 +294,10 @@ class FilesSource:
 
     def rescan(self, reason: str, detail: str = "") -> None:
         """Scan every tree again against the baseline (after lost events)."""
+        queued = self.scanner.queued_roots()  # a burst of overflows: one rescan each
         for rule in self.rules.rules:
             self.degraded(reason, "rescan", rule.root, detail)
-            if rule.file_only or os.path.isdir(rule.root):
+            if rule.root not in queued and (rule.file_only or os.path.isdir(rule.root)):
                 self.scanner.add(Job(rule.root, True, "scan", single=rule.file_only, rule=rule))
 
     def _periodic(self) -> None:

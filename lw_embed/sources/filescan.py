@@ -111,6 +111,10 @@ class Scanner:
     def queued(self) -> int:
         return len(self.stack) + (self._cur is not None)
 
+    def queued_roots(self) -> set[str]:
+        """The roots of scan jobs not started yet."""
+        return {d for d, job in self.stack if d == job.path and job.detected_by == "scan"}
+
     def add(self, job: Job, urgent: bool = False) -> None:
         """Queue a job: urgent ones (a new directory) before everything else."""
         job.outstanding += 1

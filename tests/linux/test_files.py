@@ -181,6 +181,17 @@ def test_overflow_then_50000_creations_baseline_equals_fs_and_degraded(
     src.close()
 
 
+def test_a_burst_of_overflows_queues_one_rescan_per_root(tmp_path: Path, w: Path) -> None:
+    (w / "a").mkdir()
+    src = make_src(tmp_path, [{"path": str(w / "a")}, {"path": str(w)}])
+    settle(src)
+    for _ in range(5):
+        src.rescan("overflow", "test")
+    assert src.scanner.queued == 2
+    settle(src)
+    src.close()
+
+
 def test_changes_while_stopped_are_reported_at_next_start(tmp_path: Path, w: Path) -> None:
     (w / "keep").write_text("same")
     (w / "mod").write_text("before")
@@ -496,6 +507,11 @@ def test_without_the_tracer_a_writer_holding_the_file_is_named_heuristically(
     assert ev["action"] == "modify" and ev["attribution"] == "heuristic"
     assert ev["pid"] == writer.pid
     assert os.path.realpath(ev["exe"]) == os.path.realpath(sys.executable)
+    # the writer has exited; a later write by a process that does not hold the file open
+    # when the change is seen must not be pinned on it (the fd index is seconds old)
+    subprocess.run(["sh", "-c", f"echo y >> {target}"], check=True, timeout=10)
+    (later,) = changes(settle(src))
+    assert later.get("pid") != writer.pid, later
     src.close()
 
 

@@ -153,6 +153,23 @@ def test_canonical_keeps_a_proc_root_prefix_and_rules_on_one_root_are_one(
     assert [r.name for r in rs.rules] == ["first"]  # /bin and /usr/bin: scanned once
 
 
+def test_excludes_written_against_a_symlinked_root_and_default_secrets(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    (real / "cache").mkdir(parents=True)
+    (tmp_path / "app").symlink_to(real)
+    rs = RuleSet([FileRule(str(tmp_path / "app"), exclude=(f"{tmp_path}/app/cache",))])
+    root = str(real.resolve())
+    assert rs.rule_of(f"{root}/cache") is None and rs.rule_of(f"{root}/x") is not None
+    dflt = config_from_dict({}).files
+    secrets = RuleSet((), dflt.secret_paths)
+    for p in ("/etc/shadow", "/root/.ssh/id_ed25519", "/app/.env", "/app/.env.prod",
+              "/etc/ssl/private/site.key", "/srv/tls.key"):  # fmt: skip
+        assert secrets.is_secret(p), p
+    for p in ("/etc/passwd", "/app/env.py", "/etc/ssl/certs/ca-certificates.crt",
+              "/usr/local/share/ca-certificates/corp.pem"):  # fmt: skip
+        assert not secrets.is_secret(p), p
+
+
 def test_sidecar_watch_leaves_the_default_trees_out() -> None:
     from lw_embed.pipeline.filerules import with_watch
 
