@@ -73,7 +73,8 @@ from lw_embed.sources.filewatch import Watches
 log = logging.getLogger("lw_embed.files")
 
 MASK = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_MODIFY
-        | ino.IN_CLOSE_WRITE | ino.IN_ATTRIB | ino.IN_DELETE_SELF | ino.IN_ONLYDIR
+        | ino.IN_CLOSE_WRITE | ino.IN_ATTRIB | ino.IN_DELETE_SELF | ino.IN_MOVE_SELF
+        | ino.IN_ONLYDIR
         | ino.IN_DONT_FOLLOW | ino.IN_EXCL_UNLINK)  # fmt: skip
 JOIN_GRACE = 0.1
 #: traced: how much longer an event not yet attributed waits for its syscall record
@@ -291,6 +292,10 @@ class FilesSource:
         parent = os.path.dirname(root)
         if parent not in self._anchors and os.path.isdir(parent) and self.watch(parent):
             self._anchors.add(parent)
+            if os.path.isdir(root):  # already back (a swap: mv app.new app)
+                self.missing.discard(root)
+                self.scanner.add(Job(root, True, "inotify", rule=self.rules.rule_of(root),
+                                     since=self._since(self.wall())), urgent=True)
 
     def rescan(self, reason: str, detail: str = "") -> None:
         """Scan every tree again against the baseline (after lost events)."""
@@ -344,10 +349,13 @@ class FilesSource:
             self.w.ignored(ev.wd)
             return
         path = f"{d}/{ev.name}" if ev.name else d
-        if not ev.name and mask & ino.IN_DELETE_SELF:
+        if not ev.name and mask & (ino.IN_DELETE_SELF | ino.IN_MOVE_SELF):
+            # a root deleted or moved away (its parent is not watched: no other event says
+            # so); the watches of a moved tree follow its inodes, so they are dropped
             if any(r.root == path for r in self.rules.rules):
-                self._deleted(path, True, out)
-                self._missing(path, "deleted")
+                moved = bool(mask & ino.IN_MOVE_SELF)
+                self._deleted(path, True, out, moved_out=moved)
+                self._missing(path, "moved away" if moved else "deleted")
             return
         rule = self.rule_of(path)
         if rule is None:

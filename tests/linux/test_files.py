@@ -192,6 +192,31 @@ def test_a_burst_of_overflows_queues_one_rescan_per_root(tmp_path: Path, w: Path
     src.close()
 
 
+def test_a_root_swapped_by_two_renames_is_followed(tmp_path: Path, w: Path) -> None:
+    """A deploy's ``mv app app.old; mv app.new app``: the watches followed the old tree's
+    inodes; the root must be watched again and the old tree no longer reported as it."""
+    app, old, new = w / "app", w / "app.old", w / "app.new"
+    app.mkdir()
+    (app / "stale.py").write_text("v1")
+    src = make_src(tmp_path, [{"path": str(app)}], periodic_interval=3600)
+    settle(src)
+    new.mkdir()
+    (new / "fresh.py").write_text("v2")
+    app.rename(old)
+    new.rename(app)
+    evs = settle(src)
+    got = {(e["action"], e["path"]) for e in changes(evs)}
+    assert ("delete", f"{app}/stale.py") in got and ("create", f"{app}/fresh.py") in got, got
+    (old / "stale.py").write_text("written in the moved-away tree")
+    (app / "later.py").write_text("real time again")
+    evs = pump(src, lambda evs: any(e["path"] == f"{app}/later.py" for e in changes(evs)),
+               timeout=10)  # fmt: skip
+    paths = {e["path"] for e in changes(evs + settle(src))}
+    assert f"{app}/later.py" in paths and f"{app}/stale.py" not in paths, paths
+    assert set(src.baseline.all()) == _fs_paths(app)
+    src.close()
+
+
 def test_changes_while_stopped_are_reported_at_next_start(tmp_path: Path, w: Path) -> None:
     (w / "keep").write_text("same")
     (w / "mod").write_text("before")
