@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lw_embed.config import Config
@@ -52,6 +52,8 @@ class SourceContext:
     core_pid: int
     wall: Callable[[], int]
     mono: Callable[[], float]
+    #: the sources built before this one, by name (files asks packages for its owner index)
+    peers: dict[str, Any] = field(default_factory=dict)
 
 
 class WorkerSource(Protocol):
@@ -121,4 +123,5 @@ def build(ctx: SourceContext, factories: Mapping[str, str] | None = None,
             continue
         if src is not None:
             built.append(src)
+            ctx.peers[name] = src
     return built, failed

@@ -5,7 +5,10 @@ Interface: the :class:`PackageOwners` protocol, provided by :class:`DpkgOwners`:
 monitored roots (so its memory is bounded by what is monitored, not by the image); each
 listed directory is resolved once with ``realpath`` so usr-merged ``/bin/ls`` matches
 ``/usr/bin/ls``. The recorded digest (md5) comes from ``info/<package>.md5sums``, read
-per package on first need.
+per package on first need. :class:`InventoryOwners` asks the package source's inventory
+first (every ecosystem it reads: deb, rpm, apk, pypi, npm; the same worker process), and
+the dpkg owners until that inventory exists and for dpkg's digests; rpm, apk and language
+packages give a label and no recorded digest.
 
 Capability: read access to the dpkg database. Cost: one pass over the ``.list`` files
 (about 120k lines, ~0.3 s here) at the first lookup; then a dict lookup per change, and
@@ -17,8 +20,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from lw_embed.config import Config
 from lw_embed.pipeline.filerules import canonical
@@ -112,6 +115,38 @@ class DpkgOwners:
         if pkg is None:
             return None
         return f"deb:{pkg}", "md5", self._md5.digest(pkg, path, self._alias)
+
+
+class InventoryOwners:
+    """Owners from the package source's :class:`~lw_embed.sources.packages.inventory.
+    Inventory` (``inventory()`` returns None until its first OS scan is done), else dpkg's."""
+
+    def __init__(self, inventory: Callable[[], Any], dpkg: DpkgOwners | None) -> None:
+        self.inventory = inventory
+        self.dpkg = dpkg
+
+    def owner(self, path: str) -> tuple[str, str | None, str | None] | None:
+        inv = self.inventory()
+        if inv is None:
+            return self.dpkg.owner(path) if self.dpkg else None
+        idx = inv.owner_of(path)
+        if idx is None:
+            return None
+        pkg = inv.packages[idx]
+        if pkg.ecosystem == "deb" and self.dpkg is not None:
+            got = self.dpkg.owner(path)
+            if got is not None:
+                return got  # with dpkg's recorded md5
+        return f"{pkg.ecosystem}:{pkg.name}", None, None
+
+
+def owners_for(cfg: Config, packages: Any) -> PackageOwners | None:
+    """The owner index the file source uses: the package source's inventory when there is
+    one for the same root (``/``), else the dpkg database's."""
+    dpkg = dpkg_owners(cfg)
+    if packages is None or cfg.packages.root.rstrip("/") != "":
+        return dpkg
+    return InventoryOwners(lambda: packages.inv, dpkg)
 
 
 def dpkg_owners(cfg: Config) -> DpkgOwners | None:

@@ -66,7 +66,7 @@ from lw_embed.pipeline.filerules import CompiledRule, RuleSet
 from lw_embed.records import R
 from lw_embed.sources.fileattr import WHO_FOR, Attribution, FileOp
 from lw_embed.sources.filechange import Changes
-from lw_embed.sources.fileowners import PackageOwners, dpkg_owners
+from lw_embed.sources.fileowners import PackageOwners, owners_for
 from lw_embed.sources.filescan import Bucket, Job, Scanner
 from lw_embed.sources.filewatch import Watches
 
@@ -616,4 +616,5 @@ def factory(ctx: Any) -> FilesSource | None:
     traced = _traced(ctx.config, ctx.mode)
     return FilesSource(fc, ctx.table, path, proc=ctx.proc, traced=traced, wall=ctx.wall,
                        mono=ctx.mono, ignore=(ctx.data_dir, os.path.dirname(path)),
-                       own_pids=(ctx.core_pid,), owners=dpkg_owners(ctx.config))  # fmt: skip
+                       own_pids=(ctx.core_pid,),
+                       owners=owners_for(ctx.config, ctx.peers.get("packages")))  # fmt: skip

@@ -510,6 +510,70 @@ def test_package_owned_file_changes_say_so_and_flag_a_digest_mismatch(tmp_path: 
     src.close()
 
 
+class _FakeInventory:
+    """The two things InventoryOwners reads of the package source's inventory."""
+
+    def __init__(self, owned: dict[str, int], packages: list[Any]) -> None:
+        self.owned, self.packages = owned, packages
+
+    def owner_of(self, path: str) -> int | None:
+        return self.owned.get(path)
+
+
+def test_files_of_any_ecosystem_name_their_package_from_the_inventory(
+        tmp_path: Path, w: Path) -> None:  # fmt: skip
+    from lw_embed.sources.fileowners import InventoryOwners
+    from lw_embed.sources.packages.model import Package
+
+    (w / "busybox").write_bytes(b"v1")
+    (w / "mine").write_bytes(b"v1")
+    apk = Package("apk", "busybox", "1.36.1-r2", "x86_64", "apk", "/lib/apk/db/installed",
+                  (f"{w}/busybox",))  # fmt: skip
+    inv: list[Any] = [None]  # the package source has no inventory yet
+    src = make_src(tmp_path, [{"path": str(w)}],
+                   owners=InventoryOwners(lambda: inv[0], None))  # fmt: skip
+    settle(src)
+    (w / "busybox").write_bytes(b"v2")
+    (ev,) = changes(settle(src))
+    assert "package" not in ev  # no inventory and no dpkg database: nobody to ask
+    inv[0] = _FakeInventory({f"{w}/busybox": 0}, [apk])
+    (w / "busybox").write_bytes(b"v3")
+    (w / "mine").write_bytes(b"v2")
+    evs = {e["path"]: e for e in changes(settle(src))}
+    assert evs[f"{w}/busybox"]["package"] == "apk:busybox"
+    assert "package_digest_mismatch" not in evs[f"{w}/busybox"]  # apk: no recorded digest
+    assert "package" not in evs[f"{w}/mine"]
+    src.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/var/lib/dpkg/info/coreutils.list"),
+                    reason="this machine has no dpkg coreutils to look up")
+def test_the_worker_gives_the_file_source_the_package_sources_owner_index(
+        tmp_path: Path) -> None:  # fmt: skip
+    from lw_embed.sources import base
+    from lw_embed.sources.fileowners import InventoryOwners
+
+    # a rule on /usr/bin (never polled: nothing is watched or scanned, only looked up)
+    cfg = config_from_dict({"files": {"rules": [{"path": "/usr/bin"}],
+                                      "baseline": str(tmp_path / "b.sqlite")}})
+    ctx = base.SourceContext(cfg, "wrapper", "tree", ProcessTable("b", 1, 0, 8), "/proc",
+                             str(tmp_path / "data"), os.getpid(), time.time_ns,
+                             time.monotonic)  # fmt: skip
+    built, failed = base.build(ctx, {k: base.FACTORIES[k] for k in ("packages", "files")})
+    assert failed == []
+    pk, files = built
+    owners = files.ch.owners
+    assert isinstance(owners, InventoryOwners)
+    end = time.monotonic() + 60
+    while pk.inv is None and time.monotonic() < end:  # the OS part of the first scan
+        list(pk.poll(time.monotonic()))
+    assert pk.inv is not None
+    got = owners.owner(os.path.realpath("/usr/bin/env"))  # only looked up, never written
+    assert got is not None and got[0] == "deb:coreutils" and got[1] == "md5"
+    for s in built:
+        list(s.close())
+
+
 def test_without_the_tracer_a_writer_holding_the_file_is_named_heuristically(
     tmp_path: Path, w: Path
 ) -> None:
