@@ -414,9 +414,9 @@ class Pipeline:
 
     # -- sources --------------------------------------------------------------------------
     def _poll_sources(self, ready: set[WorkerSource]) -> None:
-        now = self.mono()
         for src in self.sources:
             due = src.next_due()
+            now = self.mono()  # after next_due: a source that answers "now" is due
             if src in ready or (due is not None and due <= now):
                 self._guarded(src, src.poll, now)
 

@@ -65,7 +65,9 @@ class WorkerSource(Protocol):
         """A readable fd to wait on, or None."""
 
     def next_due(self) -> float | None:
-        """The monotonic time at which :meth:`poll` wants to run next, or None."""
+        """The monotonic time at which :meth:`poll` wants to run next, or None. A fixed
+        time: "soon" is the last poll's time plus a delay, never ``mono() + delay``
+        (recomputed at every look, that would never come due)."""
 
     def poll(self, now: float) -> Iterable[Event]:
         """Read what is ready and do what is due; never block."""

@@ -142,7 +142,7 @@ class FilesSource:
         self.scanner = Scanner(self, Bucket(cfg.scan_files_per_s), Bucket(cfg.scan_bytes_per_s))
         self.ch = Changes(cfg, self.rules, owners, self._count,
                           lambda n: self.scanner.bytes.take(n, self.mono()), self.reads)
-        now = mono()
+        now = self._polled = mono()
         self._next_periodic = now + cfg.periodic_interval
         self._anchors: set[str] = set()
         if self.baseline.reset:  # changes made while stopped can no longer be told apart
@@ -158,19 +158,22 @@ class FilesSource:
         if self.scanner.busy:
             due.append(self.scanner.due)
         if self.ready:
+            # a head past due still waits for its syscall record (see _release): look again
+            # 20 ms after the last poll (a fixed time: "now + 20 ms" would never be due)
             head = self.ready[0][0]
-            due.append(head if head > self.mono() else self.mono() + 0.02)  # see _release
+            due.append(head if head > self._polled else self._polled + 0.02)
         if self.moves:
             due.append(next(iter(self.moves.values()))[2] + self.cfg.rename_timeout)
         if self.pending:
             if len(self.pending) > 256:
-                due.append(self.mono() + 0.05)
+                due.append(self._polled + 0.05)
             else:
                 q, m = self.cfg.coalesce_quiet, self.cfg.coalesce_max
                 due.append(min(min(p.last + q, p.first + m) for p in self.pending.values()))
         return min(due)
 
     def poll(self, now: float) -> Iterable[Event]:
+        self._polled = now
         out: list[Event] = []
         self._read(now, out)
         self._expire_moves(now, out)

@@ -114,6 +114,7 @@ class NetworkSource:
         self._retry: list[tuple[Key, int, int, float]] = []
         #: flows waiting for the record stream to pass their start (see _await_records)
         self._late: dict[Key, float] = {}
+        self._polled = ctx.mono()
         self._through = 0  # wall time (ns) of the latest core record read
         self._await = ctx.mode == "wrapper" and ctx.config.tracer.trace_connect
         self._technique = ("none", "")
@@ -169,14 +170,15 @@ class NetworkSource:
         due = self._next_sweep
         if self.fallback is not None:
             due = min(due, self._next_procfs)
-        if self._late:
-            due = min(due, self.ctx.mono() + 0.02)
+        if self._late:  # 20 ms after the last poll (a fixed time, so that it comes due)
+            due = min(due, self._polled + 0.02)
         return due
 
     def technique(self) -> tuple[str, str]:
         return self._technique
 
     def poll(self, now: float) -> Iterable[Event]:
+        self._polled = now
         if self.cap is not None:
             self._capture()
             if self.cfg.dns:

@@ -32,9 +32,11 @@ def make_src(tmp: Path, rules: list[dict[str, Any]], owners: Any = None, **kw: A
              ) -> FilesSource:  # fmt: skip
     files = {"enabled": True, "rules": rules, "coalesce_quiet": 0.3, "rename_timeout": 0.2,
              "scan_files_per_s": 1000000, "scan_bytes_per_s": 1 << 34} | kw  # fmt: skip
+    traced = bool(files.pop("traced", False))
     cfg = config_from_dict({"files": files}).files
     table = ProcessTable("boot", 1, 0, 8)
-    return FilesSource(cfg, table, str(tmp / "state" / "baseline.sqlite"), owners=owners)
+    return FilesSource(cfg, table, str(tmp / "state" / "baseline.sqlite"), owners=owners,
+                       traced=traced)  # fmt: skip
 
 
 def pump(src: FilesSource, until: Callable[[list[Wire]], bool], timeout: float = 30.0,
@@ -214,6 +216,26 @@ def test_a_root_swapped_by_two_renames_is_followed(tmp_path: Path, w: Path) -> N
     paths = {e["path"] for e in changes(evs + settle(src))}
     assert f"{app}/later.py" in paths and f"{app}/stale.py" not in paths, paths
     assert set(src.baseline.all()) == _fs_paths(app)
+    src.close()
+
+
+def test_next_due_is_a_fixed_time_that_comes_due(tmp_path: Path, w: Path) -> None:
+    """The worker polls a source when next_due() <= now: a source answering "20 ms from
+    now" at every look would never be polled again in a quiet moment (the last change
+    before a lull sat in the queue until the next inotify event)."""
+    src = make_src(tmp_path, [{"path": str(w)}], traced=True)
+    settle(src)
+    (w / "f").write_text("x")
+    end = time.monotonic() + 10
+    while not src.ready and time.monotonic() < end:
+        src.poll(time.monotonic())
+        time.sleep(0.01)
+    assert src.ready
+    time.sleep(0.2)  # the head is past its grace; traced: it waits for a syscall record
+    src.poll(time.monotonic())
+    due = src.next_due()
+    time.sleep(0.05)
+    assert due is not None and src.next_due() == due <= time.monotonic()
     src.close()
 
 

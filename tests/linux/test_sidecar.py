@@ -464,3 +464,41 @@ def test_worker_spec_roots_and_exclude_are_checked() -> None:
     for bad in ([0], ["1"], 5, [True]):
         with pytest.raises(SpecError, match="roots"):
             parse_spec(json.dumps({**base, "roots": bad}))
+
+
+def _watching(ino: int) -> bool:
+    """Some process's inotify fd has a watch on inode ``ino`` (its fdinfo says so)."""
+    needle = f" ino:{ino:x} "
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if needle in f.read():
+                        return True
+    return False
+
+
+def test_watch_through_a_workload_root_reports_its_files_without_the_default_trees(
+        ns: Namespace) -> None:  # fmt: skip
+    shell, fifo = ns.shell()
+    w = ns.tmp / "w"
+    w.mkdir()
+    root_path = f"/proc/{ns_pid(shell)}/root{w}"  # the workload's view, from the sidecar
+    proc, side, log = ns.sidecar("--watch", root_path)
+    wait_for(lambda: _watching(w.stat().st_ino), 30, "the sidecar watching w")
+    fifo.write_text(f"touch {w}/planted\n")
+    want = f"{root_path}/planted"
+    try:
+        wait_for(lambda: any(e["kind"] == "file.change" and e["path"] == want
+                             for e in ns.events()), 30, "the change reported")  # fmt: skip
+    except BaseException:
+        print([(e["kind"], e.get("path")) for e in ns.events() if e["kind"] != "process.exec"])
+        raise
+    ev = next(e for e in ns.events() if e["kind"] == "file.change" and e["path"] == want)
+    assert ev["action"] == "create" and ev["attribution"] in ("heuristic", "none"), ev
+    rules = {e.get("rule") for e in ns.events() if e["kind"] == "file.change"}
+    assert rules == {f"watch:{root_path}"}, rules  # no default tree of the sidecar's image
+    os.kill(side, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log.read_text()

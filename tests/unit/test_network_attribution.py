@@ -73,8 +73,12 @@ def test_the_wait_is_bounded_then_the_flow_is_unknown_and_counted() -> None:
     src.observe([R.EXIT, t0, 99, 0, 0, False, 0])
     syn(src, 40001, t0 + 10)  # not from a traced process: no CONNECT ever comes
     src._attribute_new(clock.t)
-    assert who(src) == {} and src.next_due() is not None
-    clock.t += CONNECT_WAIT + 0.01
+    assert who(src) == {}
+    list(src.poll(clock.t))
+    due = src.next_due()
+    clock.t += 0.03
+    assert due is not None and src.next_due() == due <= clock.t  # comes due: a fixed time
+    clock.t += CONNECT_WAIT
     src._attribute_new(clock.t)
     assert who(src)[40001][0] == "unknown"
     assert src.counts.get("network.connect_wait_expired") == 1
