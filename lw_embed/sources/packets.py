@@ -65,9 +65,10 @@ CONNECT_PENDING_MAX = 4096
 LOOKUPS_PER_POLL = 256
 #: flows waiting for another attribution try, and the tries (backoff 40 ms .. 1.3 s)
 RETRY_MAX = 10000
-#: wrapper mode: how long a new flow may wait for the core's CONNECT record (records and
-#: packets come by two channels; the record is sent before the SYN but may be read later)
-CONNECT_WAIT = 0.25
+#: wrapper mode: how long a flow attributed otherwise (or not at all) may still be claimed
+#: by a late CONNECT record (records and packets come by two channels: the record is sent
+#: before the SYN but may be read after the flow was attributed)
+CLAIM_WINDOW = 1.0
 ATTR_TRIES = 6
 #: flows exported by close(): what the worker can write within its shutdown budget
 SHUTDOWN_EXPORT_MAX = 10000
@@ -112,11 +113,12 @@ class NetworkSource:
         self._next_procfs = ctx.mono()
         self._more = False
         self._retry: list[tuple[Key, int, int, float]] = []
-        #: flows waiting for the record stream to pass their start (see _await_records)
-        self._late: dict[Key, float] = {}
-        self._polled = ctx.mono()
-        self._through = 0  # wall time (ns) of the latest core record read
-        self._await = ctx.mode == "wrapper" and ctx.config.tracer.trace_connect
+        #: new flows no traced connect explained yet, by peer: (start, key, until)
+        self._unclaimed: dict[tuple[Addr, int], deque[tuple[int, Key, float]]] = {}
+        self._n_unclaimed = 0
+        tc = ctx.config.tracer
+        self._claims = (ctx.mode == "wrapper" and tc.trace_connect and tc.seccomp != "off"
+                        and tc.mode != "procfs")  # fmt: skip
         self._technique = ("none", "")
         self._kstats = (0, 0, 0)  # the capture's last PACKET_STATISTICS totals
         self._open()
@@ -170,15 +172,12 @@ class NetworkSource:
         due = self._next_sweep
         if self.fallback is not None:
             due = min(due, self._next_procfs)
-        if self._late:  # 20 ms after the last poll (a fixed time, so that it comes due)
-            due = min(due, self._polled + 0.02)
         return due
 
     def technique(self) -> tuple[str, str]:
         return self._technique
 
     def poll(self, now: float) -> Iterable[Event]:
-        self._polled = now
         if self.cap is not None:
             self._capture()
             if self.cfg.dns:
@@ -194,15 +193,16 @@ class NetworkSource:
         return out
 
     def observe(self, rec: Sequence[Any]) -> Iterable[Event]:
-        if isinstance(rec[1], int) and rec[1] > self._through:
-            self._through = rec[1]
         if rec[0] == R.CONNECT:
             _r, t, pid, _tid, _fd, family, address, port = rec
             key = _addr_of(family, address) if family in ("inet", "inet6") else None
             if key is not None and isinstance(port, int):
                 p = self.ctx.table.get(pid)
+                who = (pid, p.exec_id if p else None, p.exe if p else None)
+                if self._unclaimed and self._claim((key, port), t, who):
+                    return ()
                 q = self.pending.setdefault((key, port), deque())
-                q.append((t, pid, p.exec_id if p else None, p.exe if p else None))
+                q.append((t, *who))
                 while len(q) > 4096:
                     q.popleft()
                     self._count("network.connect_unmatched")
@@ -351,12 +351,7 @@ class NetworkSource:
         socket still exists) joined to its owner's fds; misses are retried a few times
         with backoff (a connection not accepted yet has no owner)."""
         flows = self.table.flows
-        items: list[tuple[Key, int, int]] = []
-        if self._late:  # first: they are older, and CONNECT records are matched in order
-            for k in [k for k in self._late if k not in flows]:
-                del self._late[k]
-            items += [(k, 0, 0) for k in self._late]
-        items += [(k, 0, 0) for k in self.table.take_new() if k in flows]
+        items = [(k, 0, 0) for k in self.table.take_new() if k in flows]
         retry, self._retry = self._retry, []
         for k, ino, tries, due in retry:
             if k in flows:
@@ -376,11 +371,10 @@ class NetworkSource:
                     self.dns.pin(k[3])
                 attr = self._by_connect(k, f[0]) or self._by_bind(k, f[0])
                 if attr is not None:
-                    self._late.pop(k, None)
                     f[12] = [*attr, names]
                     continue
-                if self._await_records(k, f[0], mono):
-                    continue
+                if self._claims:
+                    self._hold(k, f[0], mono)
                 f[12] = ["unknown", None, None, None, names]
             need.append(item)
         for k, ino, tries in need[LOOKUPS_PER_POLL:]:  # a flood: the rest a little later
@@ -388,23 +382,46 @@ class NetworkSource:
         if need:
             self._by_inode(need[:LOOKUPS_PER_POLL], mono)
 
-    def _await_records(self, k: Key, start: int, mono: float) -> bool:
-        """Whether flow ``k`` should wait for its CONNECT record: in wrapper mode, while no
-        core record as late as the flow's start has been read (so its connect, if traced,
-        may still be in the pipe), for at most :data:`CONNECT_WAIT` s."""
-        if not self._await or not self._through or start <= self._through:
-            self._late.pop(k, None)
+    def _hold(self, k: Key, start: int, mono: float) -> None:
+        """Keep flow ``k`` claimable by a CONNECT record read after it (see
+        :data:`CLAIM_WINDOW`); its inode lookup goes on meanwhile, at once."""
+        if self._n_unclaimed >= RETRY_MAX:
+            self._count("network.claims_skipped")
+            return
+        self._unclaimed.setdefault((k[3], k[4]), deque()).append((start, k, mono + CLAIM_WINDOW))
+        self._n_unclaimed += 1
+
+    def _claim(self, peer: tuple[Addr, int], t: int, who: tuple[int, str | None, str | None],
+               ) -> bool:  # fmt: skip
+        """A CONNECT record (at wall time ``t``) read after the flow it explains was
+        attributed: the oldest flow to that peer that started just after the call becomes
+        ``syscall``. True when one did (the record is then used up)."""
+        q = self._unclaimed.get(peer)
+        if not q:
             return False
-        until = self._late.get(k)
-        if until is None:
-            if len(self._late) >= RETRY_MAX:
-                return False
-            self._late[k] = until = mono + CONNECT_WAIT
-        if mono >= until:
-            del self._late[k]
-            self._count("network.connect_wait_expired")
-            return False
-        return True
+        self._expire_claims(q, self.ctx.mono())
+        found = False
+        while not found:
+            idx = next((i for i, (start, _k, _u) in enumerate(q)
+                        if t <= start + 50_000_000 and start - t <= CONNECT_WINDOW), None)
+            if idx is None:
+                break
+            _start, k, _until = q[idx]
+            del q[idx]
+            self._n_unclaimed -= 1
+            f = self.table.flows.get(k)
+            if f is not None and f[12] is not None and f[12][0] != "syscall":
+                f[12] = ["syscall", *who, f[12][4]]
+                self._count("network.connect_late")
+                found = True
+        if not q:
+            del self._unclaimed[peer]
+        return found
+
+    def _expire_claims(self, q: deque[tuple[int, Key, float]], mono: float) -> None:
+        while q and q[0][2] < mono:
+            q.popleft()
+            self._n_unclaimed -= 1
 
     def _names(self, k: Key) -> tuple[str, ...]:
         return self.dns.lookup(k[3]) if self.cfg.dns else ()
@@ -468,6 +485,8 @@ class NetworkSource:
                 if tries < ATTR_TRIES:  # the fd scan was rate limited: later
                     self._retry_at(k, found[k], tries + 1, mono)
                 continue
+            if f[12] is not None and f[12][0] == "syscall":
+                continue  # claimed by a late CONNECT meanwhile
             pr = self.ctx.table.get(pid)
             f[12] = ["inode", pid, pr.exec_id if pr else None, pr.exe if pr else _exe(pid),
                      f[12][4] if isinstance(f[12], list) else ()]  # fmt: skip
@@ -523,6 +542,11 @@ class NetworkSource:
 
     # -- export --------------------------------------------------------------------------
     def _sweep(self, mono: float) -> None:
+        for peer in list(self._unclaimed):
+            q = self._unclaimed[peer]
+            self._expire_claims(q, mono)
+            if not q:
+                del self._unclaimed[peer]
         if self.cap is not None:
             self._capture()
             self._attribute_new(mono)

@@ -1,6 +1,7 @@
 """Joining traced connects to flows when the records and the packets come by two channels:
-a flow seen before the core's CONNECT record waits for it (wrapper mode), in order, and
-only for a bounded time. Hand-built frames; no packet is sent (capture = procfs)."""
+a flow attributed before the core's CONNECT record was read is claimed by it (wrapper
+mode), oldest first, within a bounded window. Hand-built frames; no packet is sent
+(capture = procfs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from lw_embed.config import config_from_dict
 from lw_embed.pipeline.enrich import ProcessTable
 from lw_embed.records import R
 from lw_embed.sources.base import SourceContext
-from lw_embed.sources.packets import CONNECT_WAIT, NetworkSource
+from lw_embed.sources.packets import CLAIM_WINDOW, NetworkSource
 from tests.unit.test_packet_parse import A, B, ip4, tcp
 
 S = 1_000_000_000
@@ -47,47 +48,41 @@ def who(src: NetworkSource) -> dict[int, tuple[str, int | None]]:
             if f[12] is not None}  # fmt: skip
 
 
-def test_flows_seen_before_their_connect_records_wait_and_match_in_order() -> None:
+def test_connect_records_read_after_their_flows_claim_them_in_order() -> None:
     src, clock = source()
     t0 = 1_700_000_000 * S
-    src.observe([R.EXIT, t0, 99, 0, 0, False, 0])  # the record stream is at t0
     syn(src, 40001, t0 + 10)
-    src._attribute_new(clock.t)
     syn(src, 40002, t0 + 20)
+    src._attribute_new(clock.t)  # no record yet: unknown (the inode lookup found nothing)
+    assert who(src) == {40001: ("unknown", None), 40002: ("unknown", None)}
     clock.t += 0.05
+    src.observe(connect(7, t0 + 5))  # the records come later, by the other channel
+    src.observe(connect(8, t0 + 15))
+    assert who(src) == {40001: ("syscall", 7), 40002: ("syscall", 8)}
+    assert src.counts.get("network.connect_late") == 2
+    assert not src.pending.get((B, 80)), "a record that claimed its flow is used up"
+    syn(src, 40003, t0 + 40)  # the usual order still works: record first, then the flow
+    src.observe(connect(9, t0 + 30))
     src._attribute_new(clock.t)
-    assert who(src) == {}, "both wait for records past their start"
-    for rec in (connect(7, t0 + 5), connect(8, t0 + 15), [R.EXIT, t0 + 30, 99, 0, 0, False, 0]):
-        src.observe(rec)
-    syn(src, 40003, t0 + 25)  # a newer flow arrives in the same poll as the records
-    src.observe(connect(9, t0 + 22))
-    src.observe([R.EXIT, t0 + 40, 99, 0, 0, False, 0])
-    clock.t += 0.01
-    src._attribute_new(clock.t)
-    assert who(src) == {40001: ("syscall", 7), 40002: ("syscall", 8), 40003: ("syscall", 9)}
+    assert who(src)[40003] == ("syscall", 9)
 
 
-def test_the_wait_is_bounded_then_the_flow_is_unknown_and_counted() -> None:
+def test_a_record_past_the_claim_window_is_kept_for_a_later_flow() -> None:
     src, clock = source()
     t0 = 1_700_000_000 * S
-    src.observe([R.EXIT, t0, 99, 0, 0, False, 0])
-    syn(src, 40001, t0 + 10)  # not from a traced process: no CONNECT ever comes
+    syn(src, 40001, t0 + 10)  # not from a traced process
     src._attribute_new(clock.t)
-    assert who(src) == {}
-    list(src.poll(clock.t))
-    due = src.next_due()
-    clock.t += 0.03
-    assert due is not None and src.next_due() == due <= clock.t  # comes due: a fixed time
-    clock.t += CONNECT_WAIT
+    clock.t += CLAIM_WINDOW + 0.1
+    src.observe(connect(7, t0 + 5))  # would fit 40001's start, but comes too late
+    assert who(src)[40001] == ("unknown", None) and src._unclaimed == {}
+    syn(src, 40002, t0 + 20)
     src._attribute_new(clock.t)
-    assert who(src)[40001][0] == "unknown"
-    assert src.counts.get("network.connect_wait_expired") == 1
+    assert who(src)[40002] == ("syscall", 7)
 
 
-def test_without_the_tracer_nothing_waits() -> None:
+def test_without_the_tracer_no_flow_is_held() -> None:
     src, clock = source(mode="sidecar")
     t0 = 1_700_000_000 * S
-    src.observe([R.EXIT, t0, 99, 0, 0, False, 0])
     syn(src, 40001, t0 + 10)
     src._attribute_new(clock.t)
-    assert who(src)[40001][0] == "unknown"  # decided at once (the inode lookup found none)
+    assert who(src)[40001][0] == "unknown" and src._unclaimed == {}
