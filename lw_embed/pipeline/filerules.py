@@ -162,6 +162,9 @@ class RuleSet:
         return rule
 
     def is_secret(self, path: str) -> bool:
+        m = _PROC_ROOT.match(path)  # a sidecar's /proc/<pid>/root/etc/shadow is /etc/shadow
+        if m is not None:
+            path = path[m.end():] or "/"
         if self._secret_path is not None and self._secret_path.match(path):
             return True
         name = path.rpartition("/")[2]
@@ -182,7 +185,11 @@ def with_watch(cfg: Config, paths: Sequence[str], defaults: bool = True) -> Conf
     data = config_to_dict(cfg)
     files = data["files"]
     defaults = defaults and files["enabled"] and files["default_rules"]
-    rules = list(files["rules"]) or (config_to_dict_rules(DEFAULT_FILE_RULES) if defaults else [])
+    rules = list(files["rules"])
+    if not rules and defaults:  # a default rule on a watched root gives way to the watch
+        watched = {canonical(os.path.abspath(p)) for p in paths}
+        rules = config_to_dict_rules(
+            [r for r in DEFAULT_FILE_RULES if canonical(r.path) not in watched])
     for p in paths:
         rules.append({"path": os.path.abspath(p), "name": f"watch:{p}",
                       "actions": list(FILE_ACTIONS[:5])})

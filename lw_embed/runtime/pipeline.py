@@ -559,6 +559,7 @@ class Pipeline:
         if self._finished:
             return
         self._finished = True
+        end = self.mono() + self._budget  # the whole drain, sources' close included
         # what the workload did is durable first: a source's close may take a while (the
         # package index of a short job) and the core kills a worker past its budget
         for ev in self.aggregator.flush(force=True):
@@ -570,7 +571,7 @@ class Pipeline:
             self._accept(ev)
         self._report_loss(final=True)
         self.spool.sync()
-        self.shipper.drain(self.mono() + self._budget)
+        self.shipper.drain(end)
         st = self.spool.stats()
         self.spool.close()
         log.info("worker done: %d delivered, %d pending in the spool", st.delivered, st.pending)

@@ -145,6 +145,7 @@ class FilesSource:
         now = self._polled = mono()
         self._next_periodic = now + cfg.periodic_interval
         self._anchors: set[str] = set()
+        self._root_set = frozenset(r.root for r in self.rules.rules)
         if self.baseline.reset:  # changes made while stopped can no longer be told apart
             self.degraded("baseline_corrupt", "rebaseline", baseline_path, self.baseline.reset)
         self._setup_roots(startup=True)
@@ -355,19 +356,25 @@ class FilesSource:
         if not ev.name and mask & (ino.IN_DELETE_SELF | ino.IN_MOVE_SELF):
             # a root deleted or moved away (its parent is not watched: no other event says
             # so); the watches of a moved tree follow its inodes, so they are dropped
-            if any(r.root == path for r in self.rules.rules):
+            if path in self._root_set:
                 moved = bool(mask & ino.IN_MOVE_SELF)
                 self._deleted(path, True, out, moved_out=moved)
                 self._missing(path, "moved away" if moved else "deleted")
             return
+        isdir = bool(mask & ino.IN_ISDIR)
+        if ev.name and d in self._anchors and path in self._root_set:
+            # a root seen from its parent's anchor watch (see _missing)
+            if mask & (ino.IN_MOVED_FROM | ino.IN_DELETE):
+                if path not in self.dirs:  # not watched itself: nothing else will say so
+                    self._missing(path, "moved away" if mask & ino.IN_MOVED_FROM else "deleted")
+                return  # else its own watch reports IN_MOVE_SELF / IN_DELETE_SELF
+            if isdir and mask & (ino.IN_CREATE | ino.IN_MOVED_TO):
+                self.missing.discard(path)  # it is back
         rule = self.rule_of(path)
         if rule is None:
             return
-        isdir = bool(mask & ino.IN_ISDIR)
         if mask & ino.IN_CREATE:
             self.touch(path, rule, "create", now, wall)
-            if isdir and path in self.missing:  # a missing root appeared (see _missing)
-                self.missing.discard(path)
             if isdir:
                 self.scanner.add(Job(path, True, "inotify", rule=rule, since=self._since(wall)),
                                  urgent=True)
@@ -583,6 +590,11 @@ SIDECAR_NO_DEFAULTS = ("sidecar: the default trees would be this container's own
                        "--watch /proc/<pid>/root/PATH or [[files.rules]] name the workload's")
 
 
+IN_APP = ("in-app mode: the audit hook reports the host's own file writes; whole-tree "
+          "monitoring (scans and hashing under the host's GIL, once per forked worker) "
+          "belongs to the wrapper or a sidecar")
+
+
 def _traced(cfg: Any, mode: str) -> bool:
     """Whether the tracer sends this mode's file syscalls (attribution ``syscall``)."""
     tc = cfg.tracer
@@ -600,6 +612,8 @@ def probe(cfg: Any, mode: str) -> tuple[str, str]:
         return "none", "no [[files.rules]] and default_rules = false"
     if mode == "sidecar" and not fc.rules:
         return "none", SIDECAR_NO_DEFAULTS
+    if mode == "in-app":
+        return "none", IN_APP
     try:
         ino.Inotify().close()
     except OSError as exc:
@@ -613,7 +627,8 @@ def probe(cfg: Any, mode: str) -> tuple[str, str]:
 def factory(ctx: Any) -> FilesSource | None:
     """The ``files`` source of the worker (None when ``[files] enabled`` is false)."""
     fc: FilesConfig = ctx.config.files
-    if not fc.enabled or not fc.effective_rules() or (ctx.mode == "sidecar" and not fc.rules):
+    if (not fc.enabled or not fc.effective_rules() or ctx.mode == "in-app"
+            or (ctx.mode == "sidecar" and not fc.rules)):
         return None
     path = fc.baseline or os.path.join(ctx.data_dir, "files", "baseline.sqlite")
     traced = _traced(ctx.config, ctx.mode)

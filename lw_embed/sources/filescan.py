@@ -17,7 +17,8 @@ Cost: one token of ``scan_files_per_s`` per directory entry checked and the hash
 from ``scan_bytes_per_s``; at most ``SLICE`` seconds of work per worker poll (a file
 larger than ``HASH_STEP`` is hashed a step per turn, across polls), so the worker's
 other duties (and the workload, the worker runs at nice 10) are never starved.
-A file whose (inode, size, mtime) match the baseline is not read again.
+A file whose (inode, size, mtime, ctime) match the baseline is not read again (a baseline
+written before ctime was kept re-reads every file once).
 
 Failure modes: entries that vanish mid-scan are skipped; an unlistable directory is
 skipped (its recorded children are kept).
@@ -113,7 +114,8 @@ class Scanner:
 
     def queued_roots(self) -> set[str]:
         """The roots of scan jobs not started yet."""
-        return {d for d, job in self.stack if d == job.path and job.detected_by == "scan"}
+        return {d for d, job in self.stack
+                if d == job.path and job.detected_by == "scan" and job.recurse and job.report}
 
     def add(self, job: Job, urgent: bool = False) -> None:
         """Queue a job: urgent ones (a new directory) before everything else."""

@@ -195,27 +195,34 @@ def test_a_burst_of_overflows_queues_one_rescan_per_root(tmp_path: Path, w: Path
 
 
 def test_a_root_swapped_by_two_renames_is_followed(tmp_path: Path, w: Path) -> None:
-    """A deploy's ``mv app app.old; mv app.new app``: the watches followed the old tree's
-    inodes; the root must be watched again and the old tree no longer reported as it."""
+    """A deploy's ``mv app app.old; mv app.new app``, three times: the watches followed the
+    old tree's inodes; the root must be watched again each time and the old tree no longer
+    reported as it (the second swap is seen from the parent's watch too)."""
+    import shutil
+
     app, old, new = w / "app", w / "app.old", w / "app.new"
     app.mkdir()
-    (app / "stale.py").write_text("v1")
+    (app / "stale.py").write_text("v0")
     src = make_src(tmp_path, [{"path": str(app)}], periodic_interval=3600)
     settle(src)
-    new.mkdir()
-    (new / "fresh.py").write_text("v2")
-    app.rename(old)
-    new.rename(app)
-    evs = settle(src)
-    got = {(e["action"], e["path"]) for e in changes(evs)}
-    assert ("delete", f"{app}/stale.py") in got and ("create", f"{app}/fresh.py") in got, got
-    (old / "stale.py").write_text("written in the moved-away tree")
-    (app / "later.py").write_text("real time again")
-    evs = pump(src, lambda evs: any(e["path"] == f"{app}/later.py" for e in changes(evs)),
-               timeout=10)  # fmt: skip
-    paths = {e["path"] for e in changes(evs + settle(src))}
-    assert f"{app}/later.py" in paths and f"{app}/stale.py" not in paths, paths
-    assert set(src.baseline.all()) == _fs_paths(app)
+    for n in range(1, 4):
+        shutil.rmtree(old, ignore_errors=True)
+        settle(src)
+        new.mkdir()
+        (new / f"fresh{n}.py").write_text(f"v{n}")
+        app.rename(old)
+        new.rename(app)
+        evs = settle(src)
+        got = {(e["action"], e["path"]) for e in changes(evs)}
+        assert ("create", f"{app}/fresh{n}.py") in got, (n, got)
+        assert ("delete", f"{app}/fresh{n}.py") not in got, (n, got)
+        (old / "stale.py").write_text("written in the moved-away tree")
+        (app / f"later{n}.py").write_text("real time again")
+        evs = pump(src, lambda evs, n=n: any(e["path"] == f"{app}/later{n}.py"
+                                             for e in changes(evs)), timeout=10)  # fmt: skip
+        paths = {e["path"] for e in changes(evs + settle(src))}
+        assert f"{app}/later{n}.py" in paths and f"{app}/stale.py" not in paths, (n, paths)
+        assert set(src.baseline.all()) - {str(app)} == _fs_paths(app), n
     src.close()
 
 

@@ -177,6 +177,28 @@ def test_sidecar_watch_leaves_the_default_trees_out() -> None:
     assert [r.path for r in cfg.files.effective_rules()] == ["/proc/1/root/app"]
 
 
+def test_sidecar_secrets_below_a_proc_root_and_watch_replacing_a_default_rule() -> None:
+    from lw_embed.pipeline.filerules import with_watch
+
+    dflt = config_from_dict({}).files
+    secrets = RuleSet((), dflt.secret_paths)
+    for p in ("/proc/1/root/etc/shadow", "/proc/77/root/etc/ssh/ssh_host_rsa_key",
+              "/proc/1/root/etc/ssl/private/k", "/proc/self/root/root/.ssh/id_rsa"):  # fmt: skip
+        assert secrets.is_secret(p), p
+    assert not secrets.is_secret("/proc/1/root/etc/passwd")
+    cfg = with_watch(config_from_dict({}), ["/etc", "/app"])
+    rules = {r.path: r for r in cfg.files.effective_rules()}
+    assert rules["/etc"].name == "watch:/etc" and rules["/etc"].max_depth == 0
+    assert rules["/app"].exclude == () and "usr-bin" in {r.name for r in rules.values()}
+    assert len([r for r in cfg.files.effective_rules() if r.path == "/etc"]) == 1
+
+
+def test_in_app_mode_has_no_file_source() -> None:
+    from lw_embed.sources.files import IN_APP, probe
+
+    assert probe(config_from_dict({}), "in-app") == ("none", IN_APP)
+
+
 def test_trace_aliases_map_a_symlinked_root_to_its_target(tmp_path: Path) -> None:
     from lw_embed.sources.filetrace import _canon, trace_aliases, trace_roots
 
