@@ -6,7 +6,8 @@ Interface: :mod:`lw_embed.kernel.packet` (AF_PACKET TPACKET_V3 ring, then V2, th
 :mod:`lw_embed.sources.netproc` (``/proc/net`` sockets, inode owners, and the polling
 fallback when nothing can be captured) and :mod:`lw_embed.pipeline.dns`. Core records:
 ``R.CONNECT`` (pid, fd, peer) from the tracer, matched to the flow whose responder is that
-peer and which started just after the call (``attribution: syscall``); otherwise the
+peer and which started just after the call, in whichever order they arrive
+(:mod:`lw_embed.sources.netjoin`; ``attribution: syscall``); otherwise the
 flow's socket inode (an exact ``NETLINK_SOCK_DIAG`` lookup in the poll that first sees the
 flow, else one read of ``/proc/net``) joined to ``/proc/*/fd`` (``inode``).
 
@@ -34,7 +35,6 @@ import os
 import socket
 import struct
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +45,7 @@ from lw_embed.pipeline import dns as dnsmod
 from lw_embed.pipeline.flows import PROTO_NAMES, FlowRecord, FlowTable, flags_text
 from lw_embed.records import R
 from lw_embed.sources.base import SourceContext
+from lw_embed.sources.netjoin import ConnectJoin
 from lw_embed.sources.netproc import (
     BoundSockets,
     NetProc,
@@ -59,16 +60,10 @@ Addr = int | bytes
 _U32 = struct.Struct("=I")
 _H2 = pk.TPACKET2_HDR
 #: a connect's flow starts within this long after the call (ns)
-CONNECT_WINDOW = 5_000_000_000
-CONNECT_PENDING_MAX = 4096
 #: sock_diag lookups per poll (each ~20 us); the rest wait for the next poll
 LOOKUPS_PER_POLL = 256
 #: flows waiting for another attribution try, and the tries (backoff 40 ms .. 1.3 s)
 RETRY_MAX = 10000
-#: wrapper mode: how long a flow attributed otherwise (or not at all) may still be claimed
-#: by a late CONNECT record (records and packets come by two channels: the record is sent
-#: before the SYN but may be read after the flow was attributed)
-CLAIM_WINDOW = 1.0
 ATTR_TRIES = 6
 #: flows exported by close(): what the worker can write within its shutdown budget
 SHUTDOWN_EXPORT_MAX = 10000
@@ -105,7 +100,6 @@ class NetworkSource:
         self._listen_seen: set[tuple[int, Addr, int]] = set()
         self._listeners: set[tuple[int, Addr, int]] = set()
         self.table.is_listener = listener_check(self._listeners)
-        self.pending: dict[tuple[Addr, int], deque[tuple[int, int, str | None, str | None]]] = {}
         self.bound = BoundSockets()  # traced bind/listen (R.BIND, R.LISTEN)
         self.counts: dict[str, int] = {}
         self.flows_out = self.unknown_out = 0
@@ -113,12 +107,10 @@ class NetworkSource:
         self._next_procfs = ctx.mono()
         self._more = False
         self._retry: list[tuple[Key, int, int, float]] = []
-        #: new flows no traced connect explained yet, by peer: (start, key, until)
-        self._unclaimed: dict[tuple[Addr, int], deque[tuple[int, Key, float]]] = {}
-        self._n_unclaimed = 0
         tc = ctx.config.tracer
-        self._claims = (ctx.mode == "wrapper" and tc.trace_connect and tc.seccomp != "off"
-                        and tc.mode != "procfs")  # fmt: skip
+        self.connects = ConnectJoin(self._count, claims=ctx.mode == "wrapper"
+                                    and tc.trace_connect and tc.seccomp != "off"
+                                    and tc.mode != "procfs")  # fmt: skip
         self._technique = ("none", "")
         self._kstats = (0, 0, 0)  # the capture's last PACKET_STATISTICS totals
         self._open()
@@ -199,15 +191,7 @@ class NetworkSource:
             if key is not None and isinstance(port, int):
                 p = self.ctx.table.get(pid)
                 who = (pid, p.exec_id if p else None, p.exe if p else None)
-                if self._unclaimed and self._claim((key, port), t, who):
-                    return ()
-                q = self.pending.setdefault((key, port), deque())
-                q.append((t, *who))
-                while len(q) > 4096:
-                    q.popleft()
-                    self._count("network.connect_unmatched")
-                if len(self.pending) > CONNECT_PENDING_MAX:
-                    self.pending.pop(next(iter(self.pending)))
+                self.connects.record((key, port), t, who, self.table.flows, self.ctx.mono())
         elif rec[0] in (R.BIND, R.LISTEN, R.EXIT):
             self._observe_bind(rec)
         return ()
@@ -373,8 +357,7 @@ class NetworkSource:
                 if attr is not None:
                     f[12] = [*attr, names]
                     continue
-                if self._claims:
-                    self._hold(k, f[0], mono)
+                self.connects.hold(k, (k[3], k[4]), f[0], mono)
                 f[12] = ["unknown", None, None, None, names]
             need.append(item)
         for k, ino, tries in need[LOOKUPS_PER_POLL:]:  # a flood: the rest a little later
@@ -382,61 +365,12 @@ class NetworkSource:
         if need:
             self._by_inode(need[:LOOKUPS_PER_POLL], mono)
 
-    def _hold(self, k: Key, start: int, mono: float) -> None:
-        """Keep flow ``k`` claimable by a CONNECT record read after it (see
-        :data:`CLAIM_WINDOW`); its inode lookup goes on meanwhile, at once."""
-        if self._n_unclaimed >= RETRY_MAX:
-            self._count("network.claims_skipped")
-            return
-        self._unclaimed.setdefault((k[3], k[4]), deque()).append((start, k, mono + CLAIM_WINDOW))
-        self._n_unclaimed += 1
-
-    def _claim(self, peer: tuple[Addr, int], t: int, who: tuple[int, str | None, str | None],
-               ) -> bool:  # fmt: skip
-        """A CONNECT record (at wall time ``t``) read after the flow it explains was
-        attributed: the oldest flow to that peer that started just after the call becomes
-        ``syscall``. True when one did (the record is then used up)."""
-        q = self._unclaimed.get(peer)
-        if not q:
-            return False
-        self._expire_claims(q, self.ctx.mono())
-        found = False
-        while not found:
-            idx = next((i for i, (start, _k, _u) in enumerate(q)
-                        if t <= start + 50_000_000 and start - t <= CONNECT_WINDOW), None)
-            if idx is None:
-                break
-            _start, k, _until = q[idx]
-            del q[idx]
-            self._n_unclaimed -= 1
-            f = self.table.flows.get(k)
-            if f is not None and f[12] is not None and f[12][0] != "syscall":
-                f[12] = ["syscall", *who, f[12][4]]
-                self._count("network.connect_late")
-                found = True
-        if not q:
-            del self._unclaimed[peer]
-        return found
-
-    def _expire_claims(self, q: deque[tuple[int, Key, float]], mono: float) -> None:
-        while q and q[0][2] < mono:
-            q.popleft()
-            self._n_unclaimed -= 1
-
     def _names(self, k: Key) -> tuple[str, ...]:
         return self.dns.lookup(k[3]) if self.cfg.dns else ()
 
     def _by_connect(self, k: Key, start: int) -> tuple[str, int, str | None, str | None] | None:
-        q = self.pending.get((k[3], k[4]))
-        while q:
-            t, pid, eid, exe = q[0]
-            if t > start + 50_000_000:  # a later call: not this flow's
-                return None
-            q.popleft()
-            if start - t <= CONNECT_WINDOW:
-                return ("syscall", pid, eid, exe)
-            self._count("network.connect_unmatched")
-        return None
+        who = self.connects.match((k[3], k[4]), start)
+        return ("syscall", *who) if who is not None else None
 
     def _by_bind(self, k: Key, start: int) -> tuple[str, int, str | None, str | None] | None:
         """A flow to a local port that a traced process bound and listens on."""
@@ -542,11 +476,6 @@ class NetworkSource:
 
     # -- export --------------------------------------------------------------------------
     def _sweep(self, mono: float) -> None:
-        for peer in list(self._unclaimed):
-            q = self._unclaimed[peer]
-            self._expire_claims(q, mono)
-            if not q:
-                del self._unclaimed[peer]
         if self.cap is not None:
             self._capture()
             self._attribute_new(mono)
@@ -556,8 +485,7 @@ class NetworkSource:
             self._emit_flow(r)
         self.dns.expire(self.ctx.wall())
         now = self.ctx.wall()
-        for addr in [a for a, q in self.pending.items() if q and now - q[-1][0] > 60e9]:
-            del self.pending[addr]
+        self.connects.sweep(mono, now)
         self.bound.expire(now)
 
     def _queue(self, ev: Event) -> None:

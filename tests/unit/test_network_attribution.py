@@ -11,7 +11,8 @@ from lw_embed.config import config_from_dict
 from lw_embed.pipeline.enrich import ProcessTable
 from lw_embed.records import R
 from lw_embed.sources.base import SourceContext
-from lw_embed.sources.packets import CLAIM_WINDOW, NetworkSource
+from lw_embed.sources.netjoin import CLAIM_WINDOW
+from lw_embed.sources.packets import NetworkSource
 from tests.unit.test_packet_parse import A, B, ip4, tcp
 
 S = 1_000_000_000
@@ -60,7 +61,7 @@ def test_connect_records_read_after_their_flows_claim_them_in_order() -> None:
     src.observe(connect(8, t0 + 15))
     assert who(src) == {40001: ("syscall", 7), 40002: ("syscall", 8)}
     assert src.counts.get("network.connect_late") == 2
-    assert not src.pending.get((B, 80)), "a record that claimed its flow is used up"
+    assert not src.connects.pending.get((B, 80)), "a record that claimed its flow is used up"
     syn(src, 40003, t0 + 40)  # the usual order still works: record first, then the flow
     src.observe(connect(9, t0 + 30))
     src._attribute_new(clock.t)
@@ -74,7 +75,7 @@ def test_a_record_past_the_claim_window_is_kept_for_a_later_flow() -> None:
     src._attribute_new(clock.t)
     clock.t += CLAIM_WINDOW + 0.1
     src.observe(connect(7, t0 + 5))  # would fit 40001's start, but comes too late
-    assert who(src)[40001] == ("unknown", None) and src._unclaimed == {}
+    assert who(src)[40001] == ("unknown", None) and src.connects.claimable == 0
     syn(src, 40002, t0 + 20)
     src._attribute_new(clock.t)
     assert who(src)[40002] == ("syscall", 7)
@@ -85,4 +86,4 @@ def test_without_the_tracer_no_flow_is_held() -> None:
     t0 = 1_700_000_000 * S
     syn(src, 40001, t0 + 10)
     src._attribute_new(clock.t)
-    assert who(src)[40001][0] == "unknown" and src._unclaimed == {}
+    assert who(src)[40001][0] == "unknown" and src.connects.claimable == 0
