@@ -210,7 +210,8 @@ class FilesSource:
         m: dict[str, int | float] = {f"files.{k}": v for k, v in self.counters.items()}
         m.update({"files.watches": len(self.dirs), "files.periodic_dirs": len(self.periodic),
                   "files.pending": len(self.pending), "files.scan_queue": self.scanner.queued,
-                  "files.watch_budget": self.budget})  # fmt: skip
+                  "files.watch_budget": self.budget,
+                  "files.roots_missing": len(self.missing)})  # fmt: skip
         return m
 
     def losses(self) -> Mapping[str, int]:
@@ -285,14 +286,16 @@ class FilesSource:
                 report = self.baseline.meta("root:" + root) is not None
                 self.scanner.add(Job(root, report, "scan", rule=rule))
             elif root not in self.missing:
-                self._missing(root, "not a directory")
+                self._missing(root, "not a directory", quiet=not self.cfg.rules)
 
-    def _missing(self, root: str, why: str) -> None:
+    def _missing(self, root: str, why: str, quiet: bool = False) -> None:
         """A root that is not there: its parent (when it exists) is watched, so the root
         is set up the moment it appears (``mkdir /root/.ssh``), not at the next periodic
-        check."""
+        check. ``quiet``: a default root this image does not have is no loss of coverage
+        (counted in ``files.roots_missing``, not an ``agent.degraded``)."""
         self.missing.add(root)
-        self.degraded("root_missing", "retry", root, why)
+        if not quiet:
+            self.degraded("root_missing", "retry", root, why)
         parent = os.path.dirname(root)
         if parent not in self._anchors and os.path.isdir(parent) and self.watch(parent):
             self._anchors.add(parent)

@@ -398,6 +398,17 @@ def test_a_missing_root_is_set_up_as_soon_as_it_appears(tmp_path: Path, w: Path)
     src.close()
 
 
+@pytest.mark.skipif(os.path.exists("/app"), reason="this machine has an /app")
+def test_a_default_root_the_image_lacks_is_counted_not_degraded(tmp_path: Path) -> None:
+    cfg = config_from_dict({"files": {"baseline": str(tmp_path / "b.sqlite")}}).files
+    src = FilesSource(cfg, ProcessTable("boot", 1, 0, 8), str(tmp_path / "b.sqlite"))
+    out: list[Any] = []
+    src._emit_degraded(out)  # nothing polled: no tree of this machine is scanned
+    assert [e for e in out if e.to_wire()["reason"] == "root_missing"] == []
+    assert "/app" in src.missing and src.metrics()["files.roots_missing"] >= 1
+    src.close()
+
+
 def test_changes_to_recorded_files_are_reported_after_an_interrupted_first_scan(
         tmp_path: Path, w: Path) -> None:  # fmt: skip
     for i in range(40):
