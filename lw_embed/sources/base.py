@@ -108,6 +108,13 @@ class Failed:
     reason: str
 
 
+def seccomp_traced(cfg: Config, mode: str) -> bool:
+    """Whether this mode's workload runs under the core's seccomp filter, so that the
+    syscalls a source asked for arrive as records (wrapper mode, filter and tracer on)."""
+    tc = cfg.tracer
+    return mode == "wrapper" and tc.seccomp != "off" and tc.mode != "procfs"
+
+
 def build(ctx: SourceContext, factories: Mapping[str, str] | None = None,
           ) -> tuple[list[WorkerSource], list[Failed]]:  # fmt: skip
     """Build every listed source (default: :data:`FACTORIES`); the ones that fail are

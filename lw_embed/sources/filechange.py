@@ -72,14 +72,16 @@ class Changes:
         self.take_bytes(n)
         self.count("hashed_bytes", n)
 
-    def hash_of(self, path: str, st: os.stat_result, rule: CompiledRule,
-                old: Entry | None) -> tuple[str | None, str | None]:  # fmt: skip
-        known = self.known_hash(path, st, rule, old)
-        if known is not None:
-            return known
+    def digest(self, path: str) -> tuple[str | None, str | None]:
+        """Read and hash ``path`` now (charged to the byte bucket): (digest, skipped)."""
         digest, skipped, n = self.hasher(path).finish()
         self.hashed(n)
         return digest, skipped
+
+    def hash_of(self, path: str, st: os.stat_result, rule: CompiledRule,
+                old: Entry | None) -> tuple[str | None, str | None]:  # fmt: skip
+        known = self.known_hash(path, st, rule, old)
+        return known if known is not None else self.digest(path)
 
     def own_read_closed(self, path: str) -> bool:
         """Whether an ``IN_CLOSE_NOWRITE`` of ``path`` is the close of our own hashing."""

@@ -64,6 +64,7 @@ from lw_embed.pipeline.baseline import (
 from lw_embed.pipeline.enrich import ProcessTable
 from lw_embed.pipeline.filerules import CompiledRule, RuleSet
 from lw_embed.records import R
+from lw_embed.sources.base import seccomp_traced
 from lw_embed.sources.fileattr import WHO_FOR, Attribution, FileOp
 from lw_embed.sources.filechange import Changes
 from lw_embed.sources.fileowners import PackageOwners, owners_for
@@ -145,7 +146,7 @@ class FilesSource:
         now = self._polled = mono()
         self._next_periodic = now + cfg.periodic_interval
         self._anchors: set[str] = set()
-        self._root_set = frozenset(r.root for r in self.rules.rules)
+        self._root_set = frozenset(self.rules.roots)
         if self.baseline.reset:  # changes made while stopped can no longer be told apart
             self.degraded("baseline_corrupt", "rebaseline", baseline_path, self.baseline.reset)
         self._setup_roots(startup=True)
@@ -600,9 +601,7 @@ IN_APP = ("in-app mode: the audit hook reports the host's own file writes; whole
 
 def _traced(cfg: Any, mode: str) -> bool:
     """Whether the tracer sends this mode's file syscalls (attribution ``syscall``)."""
-    tc = cfg.tracer
-    return bool(mode == "wrapper" and cfg.files.trace and tc.seccomp != "off"
-                and tc.mode != "procfs")
+    return bool(cfg.files.trace and seccomp_traced(cfg, mode))
 
 
 def probe(cfg: Any, mode: str) -> tuple[str, str]:

@@ -213,7 +213,7 @@ class Scanner:
             job.outstanding += 1  # the job is not done before its last file is hashed
             self._hashing = (src.ch.hasher(path), path, st, rule, job, old)
             return
-        digest, skipped = known if known is not None else src.ch.hash_of(path, st, rule, old)
+        digest, skipped = known if known is not None else src.ch.digest(path)
         self._record(path, st, rule, job, old, digest, skipped, now)
 
     def _hash_step(self, now: float) -> None:

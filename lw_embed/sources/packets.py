@@ -44,7 +44,7 @@ from lw_embed.kernel import packet as pk
 from lw_embed.pipeline import dns as dnsmod
 from lw_embed.pipeline.flows import PROTO_NAMES, FlowRecord, FlowTable, flags_text
 from lw_embed.records import R
-from lw_embed.sources.base import SourceContext
+from lw_embed.sources.base import SourceContext, seccomp_traced
 from lw_embed.sources.netjoin import ConnectJoin
 from lw_embed.sources.netproc import (
     BoundSockets,
@@ -107,10 +107,8 @@ class NetworkSource:
         self._next_procfs = ctx.mono()
         self._more = False
         self._retry: list[tuple[Key, int, int, float]] = []
-        tc = ctx.config.tracer
-        self.connects = ConnectJoin(self._count, claims=ctx.mode == "wrapper"
-                                    and tc.trace_connect and tc.seccomp != "off"
-                                    and tc.mode != "procfs")  # fmt: skip
+        self.connects = ConnectJoin(self._count, claims=ctx.config.tracer.trace_connect
+                                    and seccomp_traced(ctx.config, ctx.mode))  # fmt: skip
         self._technique = ("none", "")
         self._kstats = (0, 0, 0)  # the capture's last PACKET_STATISTICS totals
         self._open()
